@@ -1,0 +1,45 @@
+"""`python -m stages <stage>`: the entry point dvc.yaml calls.
+
+Exit codes: 0 done, 1 the gate blocked the release, 2 bad input or settings (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+STAGES = ("ingest", "isolate", "quarantine", "unlearn", "export", "gate")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=[*STAGES, "schema"], help="a pipeline stage, or `schema` to "
+                        "regenerate schemas/params.schema.json")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+
+    from stages.config import SCHEMA_FILE, load_params, schema_json
+    from stages.errors import GateFailed, SanitizeError
+    from stages.fileio import write_text
+
+    if args.command == "schema":
+        write_text(SCHEMA_FILE, schema_json())
+        print(f"wrote {SCHEMA_FILE}", file=sys.stderr)
+        return 0
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    try:
+        params = load_params(args.params)
+        importlib.import_module(f"stages.{args.command}").run(params)
+    except SanitizeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except GateFailed as err:
+        print(f"gate: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Typed params: params.yaml is validated once, here, and every stage gets a `Params`.
+
+`python -m stages schema` writes schemas/params.schema.json from these models; a test keeps it current.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from stages.errors import SanitizeError
+
+PARAMS_FILE = Path("params.yaml")
+SCHEMA_FILE = Path("schemas/params.schema.json")
+
+
+class Section(BaseModel):
+    # extra="forbid": a typo in params.yaml is an error, not a silently ignored key.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(Section):
+    source: Literal["digits", "npz", "cifar10", "imagefolder"] = Field(
+        "digits", description="digits: scikit-learn's load_digits (embedded); npz: x_train,y_train,x_test,y_test; "
+        "cifar10: the python batches directory; imagefolder: train/<class>/*.png|jpg and test/<class>/..."
+    )
+    path: Optional[str] = Field(None, description="file or directory of the source; unused for digits")
+    test_size: float = Field(0.2, gt=0, lt=1, description="test share of digits (the other sources bring their own split)")
+    classes: Optional[list[str]] = Field(
+        None, min_length=2, description="class names by label; default: from the source, else '0'..'K-1'"
+    )
+
+
+class RedteamParams(Section):
+    attack: Optional[Literal["badnets", "blend"]] = Field(
+        "badnets", description="trigger used to poison the training set (simulation); null: no poisoning"
+    )
+    poison_rate: float = Field(0.1, ge=0, le=0.5, description="share of training samples poisoned")
+    target: int = Field(0, ge=0, description="label the trigger maps to")
+    patch_size: int = Field(3, ge=1, le=16, description="badnets: side of the corner patch, pixels (Gu et al. 2017)")
+    blend_alpha: float = Field(0.2, gt=0, lt=1, description="blend: weight of the noise pattern (Chen et al. 2017)")
+
+
+class ModelParams(Section):
+    width: int = Field(32, ge=4, le=512, description="channels of the first conv block (doubled per block)")
+
+
+class TrainParams(Section):
+    batch_size: int = Field(128, ge=1, le=65536)
+    lr: float = Field(0.05, gt=0, le=10, description="SGD learning rate for isolation and fine-tuning")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0, le=1)
+    crop_padding: int = Field(1, ge=0, le=8, description="random-crop augmentation: pixels of zero padding")
+    flip: bool = Field(False, description="random horizontal flips (off for digits: they are not symmetric)")
+
+
+class IsolateParams(Section):
+    epochs: int = Field(20, ge=1, le=1000, description="LGA training epochs (ABL stage one)")
+    gamma: float = Field(0.5, gt=0, le=10, description="LGA loss floor: sign(L - gamma) * L")
+    ratio: float = Field(
+        0.01, ge=0, le=0.5, description="share of lowest-loss samples isolated; 0 turns the defense off"
+    )
+
+
+class UnlearnParams(Section):
+    finetune_epochs: int = Field(20, ge=0, le=1000, description="cross-entropy epochs on the clean set")
+    mode: Literal["joint", "ascent"] = Field(
+        "joint", description="ascent: plain ABL, gradient ascent -CE on the quarantined set alone; joint: each clean "
+        "batch carries the quarantined set, loss CE(clean) + weight * -log(1 - p(label | suspect))"
+    )
+    epochs: int = Field(3, ge=0, le=1000, description="unlearning epochs (joint: passes over the clean set)")
+    lr: float = Field(2e-3, gt=0, le=1, description="unlearning learning rate (ABL's plain ascent: 5e-4)")
+    weight: float = Field(1.0, gt=0, le=100, description="joint: weight of the suspects' unlikelihood term")
+    batch_size: int = Field(64, ge=1, le=65536, description="ascent: batch size over the quarantined set")
+    holdout: float = Field(0.1, gt=0, lt=0.5, description="share of the clean set held out to watch clean accuracy")
+    max_accuracy_drop: float = Field(
+        0.05, ge=0, le=1, description="ascent stops and rolls back when held-out accuracy drops more than this"
+    )
+
+
+class ExportParams(Section):
+    atol: float = Field(1e-4, gt=0, le=1, description="max |onnxruntime - torch| on real samples")
+    opset: int = Field(18, ge=18, le=23)
+
+
+class GateParams(Section):
+    max_asr: float = Field(0.05, ge=0, le=1, description="release blocked when any attack success rate is higher")
+    min_clean_accuracy: float = Field(0.9, ge=0, le=1, description="release blocked when clean accuracy is lower")
+
+
+class Params(Section):
+    seed: int = Field(0, ge=0, description="seeds splits, poisoning, initialisation and batch order")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
+    data: DataParams = DataParams()
+    redteam: RedteamParams = RedteamParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    isolate: IsolateParams = IsolateParams()
+    unlearn: UnlearnParams = UnlearnParams()
+    export: ExportParams = ExportParams()
+    gate: GateParams = GateParams()
+
+    @model_validator(mode="after")
+    def _source_needs_path(self) -> "Params":
+        if self.data.source != "digits" and not self.data.path:
+            raise ValueError(f"data.path is required for data.source={self.data.source!r}")
+        return self
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml; any problem becomes one SanitizeError naming the key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SanitizeError(f"{path}: not found; run from the project root or create it (see README.md)") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise SanitizeError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SanitizeError(f"{path}: expected a mapping of sections (seed, data, isolate, ...), got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors(include_url=False):
+            key = ".".join(str(part) for part in e["loc"]) or "(top level)"
+            problems.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+        raise SanitizeError(f"{path}: " + "; ".join(problems)) from None
+
+
+def params_hash(params: Params) -> str:
+    """sha256 of the settings that produce the model (all but the gate's), as canonical JSON."""
+    blob = json.dumps(params.model_dump(mode="json", exclude={"gate"}), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def schema_json() -> str:
+    return json.dumps(Params.model_json_schema(), indent=2) + "\n"

@@ -1,0 +1,78 @@
+"""gate: measure the exported ONNX model (not the torch one) and block the release when it fails.
+
+Clean accuracy on the test split, and the attack success rate (ASR) of every red-team trigger: the
+share of triggered test images whose true label is not the target that the model calls the target.
+metrics/gate.json is written first, then the stage exits 1 naming each failed check.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from stages import paths
+from stages.config import Params
+from stages.data import load_store
+from stages.errors import GateFailed
+from stages.fileio import write_json
+
+
+def onnx_predictor(path: Path, batch_size: int = 512) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 N x H x W x C -> predicted labels, through onnxruntime."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size].transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+            out.append(sess.run(["logits"], {"input": x})[0].argmax(axis=1))
+        return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
+
+    return predict
+
+
+def clean_accuracy(predict, images: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(predict(images) == labels))
+
+
+def attack_success_rate(predict, images: np.ndarray, labels: np.ndarray, trigger, target: int) -> float:
+    """Share of triggered images, true label not the target, classified as the target."""
+    keep = labels != target
+    if not keep.any():
+        return float("nan")
+    return float(np.mean(predict(trigger(images[keep])) == target))
+
+
+def run(params: Params) -> None:
+    from stages.triggers import TRIGGERS  # metrics may know the attack; the defense never does
+
+    test = load_store(paths.TEST_STORE)
+    predict = onnx_predictor(paths.ONNX_MODEL)
+    gp, rt = params.gate, params.redteam
+    checks = []
+    ca = clean_accuracy(predict, test.x, test.labels)
+    checks.append({"name": "clean_accuracy", "value": round(ca, 4), "threshold": gp.min_clean_accuracy,
+                   "rule": ">=", "passed": ca >= gp.min_clean_accuracy})
+    asr = {}
+    if rt.attack:
+        value = attack_success_rate(predict, test.x, test.labels, lambda x: TRIGGERS[rt.attack](x, rt), rt.target)
+        asr[rt.attack] = round(value, 4)
+        checks.append({"name": f"asr:{rt.attack}", "value": round(value, 4), "threshold": gp.max_asr,
+                       "rule": "<=", "passed": value <= gp.max_asr})
+    passed = all(c["passed"] for c in checks)
+    write_json(paths.metrics_file("gate"), {
+        "passed": passed, "clean_accuracy": round(ca, 4), "min_clean_accuracy": gp.min_clean_accuracy,
+        "asr": asr, "max_asr": gp.max_asr, "target": rt.target if rt.attack else None,
+        "n_test": len(test), "checks": checks,
+    })
+    for c in checks:
+        print(f"[gate] {c['name']} = {c['value']} ({c['rule']} {c['threshold']}): "
+              f"{'pass' if c['passed'] else 'FAIL'}", file=sys.stderr)
+    failed = [f"{c['name']}={c['value']} (must be {c['rule']} {c['threshold']})" for c in checks if not c["passed"]]
+    if failed:
+        raise GateFailed("release blocked: " + "; ".join(failed))

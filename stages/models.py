@@ -1,0 +1,75 @@
+"""Architectures. Every model takes float32 [N, C, H, W] pixels in [0, 1] and normalizes inside the
+graph, so the exported ONNX file needs no preprocessing beyond `uint8 / 255`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from stages.errors import SanitizeError
+
+
+def conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class SmallCNN(nn.Module):
+    """Three conv stages (width, 2w, 4w) with pooling, global average pool, linear head.
+
+    Sized for 8x8 digits and 32x32 CIFAR alike: pooling only happens while the map is >= 4 pixels.
+    """
+
+    def __init__(self, in_channels: int, n_classes: int, width: int, image_size: int,
+                 mean: list[float], std: list[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        layers, c, size = [], in_channels, image_size
+        for mult in (1, 2, 4):
+            layers += [conv_block(c, width * mult), conv_block(width * mult, width * mult)]
+            c = width * mult
+            if size >= 4:
+                layers.append(nn.MaxPool2d(2))
+                size //= 2
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(c, n_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features((x - self.mean) / self.std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
+
+
+def build_model(spec: dict) -> SmallCNN:
+    return SmallCNN(spec["in_channels"], spec["n_classes"], spec["width"], spec["image_size"], spec["mean"], spec["std"])
+
+
+def model_spec(image_shape: tuple[int, int, int], n_classes: int, width: int, mean, std) -> dict:
+    h, w, c = image_shape
+    return {"in_channels": c, "n_classes": n_classes, "width": width, "image_size": min(h, w),
+            "mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+
+
+def save_checkpoint(path: Path, model: SmallCNN, spec: dict, extra: dict) -> None:
+    from stages.fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save({"spec": spec, "state_dict": model.state_dict(), **extra}, tmp)
+
+
+def load_checkpoint(path: Path, device: torch.device) -> tuple[SmallCNN, dict]:
+    """weights_only=True: a checkpoint is data, and loading one must never run code."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        model = build_model(ckpt["spec"]).to(device)
+        model.load_state_dict(ckpt["state_dict"])
+    except FileNotFoundError:
+        raise SanitizeError(f"{path}: not found; run the stage that writes it first (dvc repro)") from None
+    except Exception as err:  # a corrupt or foreign file: many exception types, one meaning
+        raise SanitizeError(f"{path}: not a valid checkpoint of this project ({type(err).__name__}: {err}); "
+                            "re-run `dvc repro`") from None
+    return model, ckpt

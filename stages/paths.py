@@ -1,0 +1,31 @@
+"""Where each stage reads and writes, relative to the project root. dvc.yaml names the same paths."""
+
+from pathlib import Path
+
+INGESTED = Path("data/ingested")
+TRAIN_STORE = INGESTED / "train.npz"
+TEST_STORE = INGESTED / "test.npz"
+SAMPLES_CSV = INGESTED / "samples.csv"
+REDTEAM_TRUTH = INGESTED / "redteam_truth.csv"  # read by metrics only, never by a defense
+
+ISOLATE = Path("data/isolate")
+SCORES_CSV = ISOLATE / "scores.csv"
+ISOLATED_CSV = ISOLATE / "isolated.csv"
+ISOLATE_MODEL = Path("models/isolate.pt")
+
+QUARANTINE = Path("data/quarantine")
+QUARANTINE_CSV = QUARANTINE / "quarantine.csv"
+QUARANTINE_STORE = QUARANTINE / "quarantine.npz"
+CLEAN = Path("data/clean")
+CLEAN_STORE = CLEAN / "train.npz"
+DECISIONS_CSV = Path("review/decisions.csv")
+
+MODEL = Path("models/model.pt")
+ONNX_MODEL = Path("models/model.onnx")
+
+METRICS = Path("metrics")
+PLOTS = Path("plots")
+
+
+def metrics_file(stage: str) -> Path:
+    return METRICS / f"{stage}.json"

@@ -1,0 +1,111 @@
+"""unlearn: ABL stage two (Li et al., NeurIPS 2021, sec. 4.2).
+
+Continue from the isolation checkpoint: fine-tune on the clean set with cross-entropy, then unlearn
+the quarantined suspects, which breaks the trigger -> target link: plain ABL gradient ascent
+(`unlearn.mode: ascent`), or the joint mode (default), where every clean batch also pushes the
+suspects away from their label. A held-out share of the clean set watches clean accuracy;
+unlearning stops and rolls back when it drops by more than `unlearn.max_accuracy_drop`.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import numpy as np
+import torch
+
+from stages import paths
+from stages.config import Params
+from stages.data import load_store
+from stages.fileio import write_csv, write_json
+from stages.models import load_checkpoint, save_checkpoint
+from stages.train import (Progress, accuracy, joint_unlearn_epoch, make_optimizer, pick_device, seed_everything,
+                          to_tensor, train_epoch)
+
+
+def holdout_split(n: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random (fit, holdout) index split of the clean set."""
+    order = np.random.default_rng([seed, 0x40]).permutation(n)
+    k = max(1, int(round(share * n)))
+    return np.sort(order[k:]), np.sort(order[:k])
+
+
+def finetune(model, params: Params, x, y, x_val, y_val, gen, curve: list) -> None:
+    tp, up = params.train, params.unlearn
+    opt = make_optimizer(model, tp.lr, tp)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(up.finetune_epochs, 1))
+    progress = Progress("unlearn:finetune", up.finetune_epochs, len(y))
+    for epoch in range(up.finetune_epochs):
+        loss = train_epoch(model, opt, x, y, lambda l: l.mean(), tp.batch_size, gen, tp.crop_padding, tp.flip)
+        sched.step()
+        acc = accuracy(model, x_val, y_val)
+        curve.append(("finetune", epoch + 1, loss, acc))
+        progress.epoch(epoch + 1, loss=loss, clean_accuracy=acc)
+
+
+def implicated_class(labels: np.ndarray) -> int:
+    """The label most suspects carry: where a backdoor points (ABL isolates it in one class)."""
+    return int(np.bincount(labels).argmax())
+
+
+def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list) -> dict:
+    """Unlearn the suspects (plain ABL ascent or joint), with a clean-accuracy guard and rollback.
+
+    The guard leaves out held-out samples of the implicated class: unlearning is meant to change how
+    the model treats samples labelled with it (poison that escaped isolation sits there), so a drop
+    there is the defense working, not damage.
+    """
+    up = params.unlearn
+    target = implicated_class(yq.cpu().numpy())
+    guard = y_val != target
+    baseline = accuracy(model, x_val[guard], y_val[guard])
+    opt = torch.optim.SGD(model.parameters(), lr=up.lr, momentum=params.train.momentum)
+    progress = Progress(f"unlearn:{up.mode}", up.epochs, len(y) if up.mode == "joint" else len(yq))
+    epochs_run, rolled_back = 0, False
+    for epoch in range(up.epochs):
+        previous = copy.deepcopy(model.state_dict())
+        if up.mode == "joint":
+            loss, suspect_loss = joint_unlearn_epoch(model, opt, x, y, xq, yq, up.weight, params.train.batch_size, gen)
+        else:
+            # Minimising -CE is ascent on the suspects' loss (ABL eq. 5); BN keeps its running statistics.
+            suspect_loss = -train_epoch(model, opt, xq, yq, lambda l: -l.mean(), up.batch_size, gen, freeze_bn=True)
+            loss = suspect_loss
+        acc = accuracy(model, x_val[guard], y_val[guard])
+        curve.append((up.mode, epoch + 1, loss, accuracy(model, x_val, y_val)))
+        progress.epoch(epoch + 1, loss=loss, suspect_loss=suspect_loss, guard_accuracy=acc)
+        if baseline - acc > up.max_accuracy_drop:
+            model.load_state_dict(previous)
+            rolled_back = True
+            print(f"[unlearn] guard accuracy fell {baseline - acc:.3f} below {baseline:.3f}: "
+                  f"rolled back epoch {epoch + 1} and stopped", file=sys.stderr)
+            break
+        epochs_run = epoch + 1
+    return {"unlearn_epochs_run": epochs_run, "rolled_back": rolled_back, "implicated_class": target,
+            "guard_accuracy_before": round(baseline, 4), "guard_accuracy_after": round(accuracy(model, x_val[guard], y_val[guard]), 4)}
+
+
+def run(params: Params) -> None:
+    device = pick_device(params.device)
+    seed_everything(params.seed)
+    model, ckpt = load_checkpoint(paths.ISOLATE_MODEL, device)
+    clean, quarantined = load_store(paths.CLEAN_STORE), load_store(paths.QUARANTINE_STORE)
+    fit, val = holdout_split(len(clean), params.unlearn.holdout, params.seed)
+    x_all, y_all = to_tensor(clean.x, device), torch.from_numpy(clean.labels).to(device)
+    x, y, x_val, y_val = x_all[fit], y_all[fit], x_all[val], y_all[val]
+    gen = torch.Generator(device=device).manual_seed(params.seed)
+
+    curve: list = []
+    finetune(model, params, x, y, x_val, y_val, gen, curve)
+    report = {"unlearn_epochs_run": 0, "rolled_back": False}
+    if len(quarantined) and params.unlearn.epochs and params.isolate.ratio > 0:
+        xq, yq = to_tensor(quarantined.x, device), torch.from_numpy(quarantined.labels).to(device)
+        report = unlearn(model, params, xq, yq, x, y, x_val, y_val, gen, curve)
+
+    save_checkpoint(paths.MODEL, model, ckpt["spec"], {"seed": params.seed})
+    write_csv(paths.PLOTS / "unlearn.csv", ["step", "phase", "epoch", "loss", "clean_accuracy"],
+              [(k + 1, phase, e, round(loss, 6), round(acc, 6)) for k, (phase, e, loss, acc) in enumerate(curve)])
+    write_json(paths.metrics_file("unlearn"), {
+        "device": device.type, "n_finetune": int(len(fit)), "n_holdout": int(len(val)),
+        "n_quarantined": len(quarantined), "holdout_accuracy": round(accuracy(model, x_val, y_val), 4), **report,
+    })

@@ -1,0 +1,40 @@
+"""gate: ASR is measured on the exported model; a failed check writes the report, then blocks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from stages import gate
+from stages.config import load_params
+from stages.errors import GateFailed
+from stages.triggers import badnets
+from stages.config import RedteamParams
+
+
+def test_attack_success_rate_counts_only_non_target_images():
+    images = np.zeros((4, 8, 8, 1), dtype=np.uint8)
+    labels = np.array([0, 1, 2, 3])
+
+    def says_target_when_patched(x):  # a perfectly backdoored "model": the patch decides
+        return np.where(x[:, -1, -1, 0] == 255, 0, 1)
+
+    trig = lambda x: badnets(x, RedteamParams())
+    assert gate.attack_success_rate(says_target_when_patched, images, labels, trig, target=0) == 1.0
+    assert gate.attack_success_rate(says_target_when_patched, images, labels, lambda x: x, target=0) == 0.0
+
+
+def test_failed_gate_writes_report_then_blocks(pipeline, tmp_path, monkeypatch):
+    for sub in ("data/ingested", "models"):
+        shutil.copytree(pipeline / sub, tmp_path / sub)
+    shutil.copy(pipeline / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    params = load_params().model_copy(update={"gate": load_params().gate.model_copy(update={"min_clean_accuracy": 1.0})})
+    with pytest.raises(GateFailed, match="clean_accuracy="):
+        gate.run(params)
+    report = json.loads((tmp_path / "metrics/gate.json").read_text())
+    assert report["passed"] is False
+    assert [c["name"] for c in report["checks"] if not c["passed"]] == ["clean_accuracy"]

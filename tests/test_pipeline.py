@@ -1,0 +1,57 @@
+"""End to end: the real `dvc repro` on the default data (digits, BadNets on 10%, target 0)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+from conftest import run_cmd, set_params
+
+
+def read_json(path):
+    return json.loads(path.read_text())
+
+
+def test_default_run_removes_the_backdoor_and_passes_the_gate(pipeline):
+    gate = read_json(pipeline / "metrics/gate.json")
+    assert gate["passed"] is True
+    assert gate["asr"]["badnets"] <= 0.05
+    assert gate["clean_accuracy"] >= 0.93
+
+
+def test_default_run_isolates_poison(pipeline):
+    isolate = read_json(pipeline / "metrics/isolate.json")
+    assert isolate["n_isolated"] == round(0.01 * read_json(pipeline / "metrics/ingest.json")["n_train"])
+    assert isolate["isolation_precision"] >= 0.9
+    assert isolate["dominant_class"] == "0"  # the red team's target
+
+
+def test_second_repro_runs_nothing(pipeline):
+    result = run_cmd([sys.executable, "-m", "dvc", "repro"], pipeline)
+    assert result.returncode == 0
+    assert "Running stage" not in result.stdout
+    assert "Data and pipelines are up to date" in result.stdout
+
+
+def test_dvc_metrics_and_plots_read_the_outputs(pipeline):
+    metrics = run_cmd([sys.executable, "-m", "dvc", "metrics", "show", "--json"], pipeline)
+    assert metrics.returncode == 0, metrics.stderr
+    assert '"clean_accuracy"' in metrics.stdout and '"isolation_precision"' in metrics.stdout
+    plots = run_cmd([sys.executable, "-m", "dvc", "plots", "show", "--json"], pipeline)
+    assert plots.returncode == 0, plots.stderr
+    assert "plots/unlearn.csv" in plots.stdout and "plots/isolate_loss.csv" in plots.stdout
+
+
+def test_without_defense_the_backdoor_survives_and_the_gate_blocks(pipeline, tmp_path):
+    """isolate.ratio: 0 turns the defense off: the gate must see a real backdoor and fail dvc repro."""
+    copy = tmp_path / "nodefense"
+    shutil.copytree(pipeline, copy)
+    set_params(copy, **{"isolate.ratio": 0})
+    result = run_cmd([sys.executable, "-m", "dvc", "repro"], copy)
+    assert result.returncode != 0
+    assert "release blocked: asr:badnets" in result.stderr + result.stdout
+    gate = read_json(copy / "metrics/gate.json")  # written before the stage exits 1
+    assert gate["passed"] is False
+    assert gate["asr"]["badnets"] >= 0.9
+    assert "Running stage 'ingest'" not in result.stdout  # only what the change affects re-ran
