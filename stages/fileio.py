@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import io
 import json
 import os
@@ -16,11 +17,19 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 
+def _remove_leftovers(path: Path) -> None:
+    """Temporaries of a writer that was killed (SIGKILL skips every cleanup) are removed by the next."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        if stale.name.endswith((".tmp", ".old")):
+            shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync it and rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -38,6 +47,7 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `path`; on success it replaces `path` whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
@@ -46,8 +56,6 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
             # Two renames are not one atomic step, but at every instant either the old or the new
             # directory is complete, and a leftover `.old` directory is only ever a full copy.
             old = path.with_name(f".{path.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
             os.replace(path, old)
         os.replace(tmp, path)
         if old is not None:

@@ -19,12 +19,19 @@ from stages.fileio import atomic_dir, write_csv, write_json
 from stages.sources import Source, read_source
 
 
+MAX_INFERRED_CLASSES = 10_000
+
+
 def resolve_class_names(params: Params, source: Source) -> list[str]:
     if params.data.classes:
         return list(params.data.classes)
     if source.class_names:
         return list(source.class_names)
     top = int(max(source.train.y.max(), 0))
+    if top >= MAX_INFERRED_CLASSES:
+        i = int(source.train.y.argmax())
+        raise SanitizeError(f"sample {source.train.ids[i]!r} has label {top}: labels must be class indices "
+                            f"0..K-1 (K <= {MAX_INFERRED_CLASSES}); fix the labels or set data.classes")
     return [str(i) for i in range(top + 1)]
 
 
@@ -97,14 +104,12 @@ def duplicate_report(table: pd.DataFrame) -> dict:
             "train_test_duplicate_groups": len(cross), "examples": [list(g) for g in list(dups)[:5]]}
 
 
-def run(params: Params) -> None:
+def read_and_validate(params: Params) -> tuple[Store, Store, dict, list[str]]:
+    """Read the source and validate it: (train, test, validation report, reader notes), or SanitizeError."""
     source = read_source(params.data.source, params.data.path, params.data.test_size, params.seed)
     class_names = resolve_class_names(params, source)
     label_source = "data.classes" if params.data.classes else ("class names in the source" if source.class_names
                                                                else "inferred from the largest train label")
-    rt = params.redteam
-    if rt.attack and rt.target >= len(class_names):
-        raise SanitizeError(f"params.yaml: redteam.target={rt.target} is not a class index (0..{len(class_names) - 1})")
     train = make_store(source.train.x, source.train.y, source.train.ids, class_names)
     test = make_store(source.test.x, source.test.y, source.test.ids, class_names)
     table = pd.concat([sample_table(train, "train"), sample_table(test, "test")], ignore_index=True)
@@ -113,7 +118,15 @@ def run(params: Params) -> None:
     if missing:
         raise SanitizeError(f"data validation failed: class(es) {[class_names[i] for i in missing]} have no training "
                             f"samples; add samples or fix the class list ({label_source})")
-    duplicates = duplicate_report(table)
+    return train, test, {**validation, "duplicates": duplicate_report(table)}, source.notes
+
+
+def run(params: Params) -> None:
+    train, test, validation, notes = read_and_validate(params)
+    class_names = list(train.class_names)
+    rt = params.redteam
+    if rt.attack and rt.target >= len(class_names):
+        raise SanitizeError(f"params.yaml: redteam.target={rt.target} is not a class index (0..{len(class_names) - 1})")
 
     truth_rows = []
     if rt.attack and rt.poison_rate > 0:
@@ -122,7 +135,7 @@ def run(params: Params) -> None:
         x, labels, index = poison(train.x, train.labels, rt, params.seed)
         truth_rows = [(train.ids[i], int(train.labels[i]), rt.attack, rt.target) for i in index]
         train = make_store(x, labels, train.ids, class_names)
-        table = pd.concat([sample_table(train, "train"), sample_table(test, "test")], ignore_index=True)
+    table = pd.concat([sample_table(train, "train"), sample_table(test, "test")], ignore_index=True)
 
     with atomic_dir(paths.INGESTED) as out:
         save_store(out / paths.TRAIN_STORE.name, train)
@@ -134,7 +147,7 @@ def run(params: Params) -> None:
         "n_train": len(train), "n_test": len(test), "n_classes": len(class_names),
         "image_shape": list(train.image_shape), "data_hash": store_hash(train),
         "train_class_counts": {class_names[k]: counts[k] for k in sorted(counts)},
-        "validation": validation, "duplicates": duplicates, "notes": source.notes,
+        "validation": validation, "notes": notes,
         "redteam_poisoned": len(truth_rows),
     })
     print(f"[ingest] {len(train)} train / {len(test)} test samples, {len(class_names)} classes, "

@@ -10,8 +10,10 @@ from __future__ import annotations
 import io
 import pickle
 import re
+import struct
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -56,11 +58,16 @@ def read_digits(test_size: float, seed: int) -> Source:
 # ---------------------------------------------------------------- npz
 
 NPZ_FIX = "save it with numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)"
+# What a damaged zip or .npy header can raise inside numpy and zipfile.
+NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, struct.error,
+              UnicodeDecodeError, KeyError, TypeError, MemoryError, OverflowError, SyntaxError)
 
 
 def _check_images(x: np.ndarray, where: str) -> np.ndarray:
+    if x.ndim not in (3, 4):
+        raise SanitizeError(f"{where}: shape {x.shape}, expected N x H x W (gray) or N x H x W x C with C in (1, 3)")
     if x.dtype.kind == "f":
-        bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1)) if x.ndim >= 1 and len(x) else []
+        bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1)) if len(x) else []
         if len(bad):
             raise SanitizeError(f"{where}: sample {bad[0]} has NaN or infinite pixels; fix or drop it, then save as uint8")
         raise SanitizeError(
@@ -77,7 +84,7 @@ def _check_images(x: np.ndarray, where: str) -> np.ndarray:
         raise SanitizeError(f"{where}: pixels are {x.dtype}, expected uint8 0..255")
     if x.ndim == 3:
         x = x[..., None]
-    if x.ndim != 4 or x.shape[-1] not in (1, 3) or min(x.shape[1:3], default=0) < 1:
+    if x.shape[-1] not in (1, 3) or min(x.shape[1:3]) < 1:
         raise SanitizeError(f"{where}: shape {x.shape}, expected N x H x W (gray) or N x H x W x C with C in (1, 3)")
     return x
 
@@ -97,8 +104,8 @@ def read_npz(path: Path) -> Source:
         z = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise SanitizeError(f"{path}: not found; set data.path to an existing .npz file") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise SanitizeError(f"{path}: not a readable .npz file ({err}); {NPZ_FIX}") from None
+    except NPZ_ERRORS as err:
+        raise SanitizeError(f"{path}: not a readable .npz file ({type(err).__name__}: {err}); {NPZ_FIX}") from None
     if not isinstance(z, np.lib.npyio.NpzFile):
         raise SanitizeError(f"{path}: a single .npy array, not an .npz archive; {NPZ_FIX}")
     with z:
@@ -108,7 +115,7 @@ def read_npz(path: Path) -> Source:
         try:
             arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
             names = [str(c) for c in z["class_names"]] if "class_names" in z.files else None
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib_error()) as err:
+        except NPZ_ERRORS as err:
             # allow_pickle=False also lands here for object arrays (e.g. images of mixed shapes).
             raise SanitizeError(f"{path}: an array cannot be read ({err}); images must share one shape, "
                                 f"stored as plain uint8 arrays; {NPZ_FIX}") from None
@@ -123,12 +130,6 @@ def read_npz(path: Path) -> Source:
         raise SanitizeError(f"{path}: train images are {splits[0].x.shape[1:]} but test images are "
                             f"{splits[1].x.shape[1:]}; both splits need one image shape")
     return Source(splits[0], splits[1], names, [])
-
-
-def zlib_error():
-    import zlib
-
-    return zlib.error
 
 
 # ---------------------------------------------------------------- cifar10 python batches
@@ -225,7 +226,7 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def _open_image(path: Path) -> tuple[np.ndarray, str]:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with warnings.catch_warnings():
@@ -241,8 +242,7 @@ def _open_image(path: Path) -> tuple[np.ndarray, str]:
                     arr = np.asarray(img.convert("RGB"))
                 else:
                     arr = None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning, EOFError) as err:
+    except Exception as err:  # noqa: BLE001 - image decoders raise many types on hostile files; one meaning
         raise SanitizeError(f"{path}: not a readable PNG/JPEG image ({err}); replace or remove the file") from None
     if arr is None:
         raise SanitizeError(f"{path}: image mode {mode} is not supported; save it as 8-bit grayscale or RGB")
@@ -257,6 +257,10 @@ def _read_image_split(split_dir: Path, root: Path, class_names: list[str]) -> tu
             continue
         for f in sorted(class_dir.iterdir()):
             rel = f.relative_to(root).as_posix()
+            try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:
+                raise SanitizeError(f"{class_dir}: a file name is not valid UTF-8 ({rel!r}); rename it") from None
             if f.name.startswith("."):
                 continue  # hidden files (.DS_Store, editor swap files) are not samples
             if not _inside(f, root):

@@ -137,3 +137,16 @@ def test_cifar10_pickle_that_runs_code_is_refused_without_running(tmp_path, monk
     with pytest.raises(SanitizeError, match="refused to load global"):
         read_cifar10(root)
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b[: len(b) // 2], "not a valid CIFAR-10 python batch"),
+    (lambda b: pickle.dumps({b"data": np.zeros((10, 3000), np.uint8), b"labels": list(range(10))}), "N x 3072"),
+    (lambda b: pickle.dumps({b"data": np.zeros((10, 3072), np.uint8), b"labels": [1, 2]}), "2 labels for 10 images"),
+    (lambda b: pickle.dumps([1, 2, 3]), "expected a dict"),
+])
+def test_cifar10_damaged_batches_are_refused(tmp_path, damage, message):
+    root = write_cifar(tmp_path / "c")
+    (root / "data_batch_1").write_bytes(damage((root / "data_batch_1").read_bytes()))
+    with pytest.raises(SanitizeError, match=message):
+        read_cifar10(root)
