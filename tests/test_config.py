@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from conftest import stage_cli
 from stages.config import Params, load_params, schema_json
@@ -55,5 +56,5 @@ def test_missing_params_file(project):
 
 
 def test_params_are_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         Params().seed = 3
