@@ -64,8 +64,9 @@ NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, Not
 
 
 def _check_images(x: np.ndarray, where: str) -> np.ndarray:
+    shape_error = SanitizeError(f"{where}: shape {x.shape}, expected N x H x W (gray) or N x H x W x C with C in (1, 3)")
     if x.ndim not in (3, 4):
-        raise SanitizeError(f"{where}: shape {x.shape}, expected N x H x W (gray) or N x H x W x C with C in (1, 3)")
+        raise shape_error
     if x.dtype.kind == "f":
         bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1)) if len(x) else []
         if len(bad):
@@ -85,7 +86,7 @@ def _check_images(x: np.ndarray, where: str) -> np.ndarray:
     if x.ndim == 3:
         x = x[..., None]
     if x.shape[-1] not in (1, 3) or min(x.shape[1:3]) < 1:
-        raise SanitizeError(f"{where}: shape {x.shape}, expected N x H x W (gray) or N x H x W x C with C in (1, 3)")
+        raise shape_error
     return x
 
 

@@ -19,7 +19,7 @@ from stages.config import load_params
 from stages.data import load_store, store_hash
 
 WRITER = textwrap.dedent("""
-    import hashlib, os, sys
+    import hashlib, os
     from stages.fileio import atomic_dir, write_bytes
     # Rewrite a 4 MB file and a directory forever; each version ends with the sha256 of its payload.
     for version in range(10**9):
