@@ -37,13 +37,21 @@ class DataParams(Section):
 
 
 class RedteamParams(Section):
-    attack: Optional[Literal["badnets", "blend"]] = Field(
-        "badnets", description="trigger used to poison the training set (simulation); null: no poisoning"
+    attack: Optional[Literal["badnets", "blend", "sig", "wanet"]] = Field(
+        "badnets", description="trigger used to poison the training set (simulation); null: no poisoning. "
+        "badnets, blend, wanet: dirty-label, all-to-one; sig: clean-label (target-class samples, labels kept)"
     )
     poison_rate: float = Field(0.1, ge=0, le=0.5, description="share of training samples poisoned")
     target: int = Field(0, ge=0, description="label the trigger maps to")
     patch_size: int = Field(3, ge=1, le=16, description="badnets: side of the corner patch, pixels (Gu et al. 2017)")
     blend_alpha: float = Field(0.2, gt=0, lt=1, description="blend: weight of the noise pattern (Chen et al. 2017)")
+    sig_delta: float = Field(20.0, gt=0, le=255, description="sig: amplitude of the sinusoid, in 0-255 pixel units "
+                             "(Barni et al. 2019)")
+    sig_frequency: float = Field(6.0, gt=0, le=64, description="sig: periods across the image width")
+    wanet_k: int = Field(4, ge=2, le=64, description="wanet: side of the control grid of the warping field "
+                         "(Nguyen & Tran 2021)")
+    wanet_s: float = Field(0.5, gt=0, le=10, description="wanet: warp strength")
+    wanet_cross_ratio: float = Field(2.0, ge=0, le=10, description="wanet: noise-mode samples per backdoor sample")
 
 
 class ModelParams(Section):
@@ -63,8 +71,22 @@ class IsolateParams(Section):
     epochs: int = Field(20, ge=1, le=1000, description="LGA training epochs (ABL stage one)")
     gamma: float = Field(0.5, gt=0, le=10, description="LGA loss floor: sign(L - gamma) * L")
     ratio: float = Field(
-        0.01, ge=0, le=0.5, description="share of lowest-loss samples isolated; 0 turns the defense off"
+        0.01, ge=0, le=0.5, description="share of lowest-loss samples isolated (selection: ratio, plain ABL), and "
+        "the fallback of selection: adaptive when the loss curves show no separate low-loss group; 0 turns the defense off"
     )
+    selection: Literal["ratio", "adaptive"] = Field(
+        "adaptive", description="ratio: plain ABL, a fixed share; adaptive: the split of the loss curves, see "
+        "stages/isolate.py:adaptive_selection"
+    )
+    concentrate: bool = Field(
+        True, description="adaptive: isolate only the majority label of the low-loss group (an all-to-one "
+        "backdoor lives in one label)"
+    )
+    min_separation: float = Field(
+        3.5, gt=0, le=100, description="adaptive: the low-loss group is isolated only when it lies this many pooled "
+        "standard deviations (of the mean log-loss) below the rest; otherwise the fixed ratio is used"
+    )
+    max_ratio: float = Field(0.25, gt=0, le=0.5, description="adaptive: never isolate more than this share of the set")
 
 
 class UnlearnParams(Section):

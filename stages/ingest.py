@@ -132,8 +132,9 @@ def run(params: Params) -> None:
     if rt.attack and rt.poison_rate > 0:
         from stages.triggers import poison  # red-team simulation only; the defense never sees this
 
-        x, labels, index = poison(train.x, train.labels, rt, params.seed)
-        truth_rows = [(train.ids[i], int(train.labels[i]), rt.attack, rt.target) for i in index]
+        x, labels, roles = poison(train.x, train.labels, rt, params.seed)
+        truth_rows = [(train.ids[i], int(train.labels[i]), rt.attack, rt.target, role)
+                      for i, role in sorted(roles.items())]
         train = make_store(x, labels, train.ids, class_names)
     table = pd.concat([sample_table(train, "train"), sample_table(test, "test")], ignore_index=True)
 
@@ -141,14 +142,16 @@ def run(params: Params) -> None:
         save_store(out / paths.TRAIN_STORE.name, train)
         save_store(out / paths.TEST_STORE.name, test)
         table.to_csv(out / paths.SAMPLES_CSV.name, index=False)
-        write_csv(out / paths.REDTEAM_TRUTH.name, ["id", "original_label", "attack", "target"], truth_rows)
+        write_csv(out / paths.REDTEAM_TRUTH.name, ["id", "original_label", "attack", "target", "role"],
+                  truth_rows)
     counts = Counter(train.labels.tolist())
     write_json(paths.metrics_file("ingest"), {
         "n_train": len(train), "n_test": len(test), "n_classes": len(class_names),
         "image_shape": list(train.image_shape), "data_hash": store_hash(train),
         "train_class_counts": {class_names[k]: counts[k] for k in sorted(counts)},
         "validation": validation, "notes": notes,
-        "redteam_poisoned": len(truth_rows),
+        "redteam_poisoned": sum(1 for row in truth_rows if row[-1] == "backdoor"),
+        "redteam_noise_mode": sum(1 for row in truth_rows if row[-1] == "noise"),
     })
     print(f"[ingest] {len(train)} train / {len(test)} test samples, {len(class_names)} classes, "
-          f"{len(truth_rows)} poisoned by the red team", file=sys.stderr)
+          f"{len(truth_rows)} modified by the red team ({rt.attack})", file=sys.stderr)

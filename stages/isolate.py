@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from stages import paths
-from stages.config import Params
+from stages.config import IsolateParams, Params
 from stages.data import Store, load_store
 from stages.fileio import atomic_dir, write_csv, write_json
 from stages.models import build_model, model_spec, save_checkpoint
@@ -23,10 +23,77 @@ from stages.train import (Progress, channel_stats, lga_loss, make_optimizer, per
 
 
 def select_isolated(loss_history: np.ndarray, ids: np.ndarray, ratio: float) -> np.ndarray:
-    """Indices of the round(ratio * N) lowest final losses; ties broken by id so runs are reproducible."""
+    """Plain ABL: indices of the round(ratio * N) lowest final losses; ties broken by id (reproducible)."""
     n = int(round(ratio * loss_history.shape[0]))
     order = np.lexsort((ids, loss_history[:, -1]))
     return np.sort(order[:n])
+
+
+LOG_FLOOR = 1e-6  # float32 cross-entropy of a sure prediction reaches 0; log needs a floor
+
+
+def suspicion_score(loss_history: np.ndarray) -> np.ndarray:
+    """Mean log-loss over all isolation epochs: low = learned early and kept learned.
+
+    In log space a backdoor sample sits orders of magnitude below clean ones (1e-5 against 0.1-2), and
+    the mean over epochs rewards being learned *early*, ABL's signature, while smoothing the
+    epoch-to-epoch swings of a single clean sample's loss.
+    """
+    return np.log(loss_history.astype(np.float64) + LOG_FLOOR).mean(axis=1)
+
+
+def otsu_split(values: np.ndarray) -> tuple[float, float]:
+    """The threshold that maximises the between-group variance of two groups (Otsu 1979), and the
+    groups' separation in pooled standard deviations (how clearly the values fall in two groups)."""
+    v = np.sort(values)
+    if len(v) < 4 or v[0] == v[-1]:
+        return float(v[0]) if len(v) else 0.0, 0.0
+    n = np.arange(1, len(v))
+    csum = np.cumsum(v)[:-1]
+    mean_lo, mean_hi = csum / n, (v.sum() - csum) / (len(v) - n)
+    between = n * (len(v) - n) * (mean_hi - mean_lo) ** 2
+    between[v[:-1] == v[1:]] = -1  # a threshold must fall between two different values
+    k = int(np.argmax(between))
+    lo, hi = v[:k + 1], v[k + 1:]
+    pooled = np.sqrt((lo.var() + hi.var()) / 2) + 1e-12
+    return float(v[k]), float((hi.mean() - lo.mean()) / pooled)
+
+
+def adaptive_selection(loss_history: np.ndarray, labels: np.ndarray, ids: np.ndarray, p: IsolateParams):
+    """Isolation sized from the loss curves instead of a fixed share (plain ABL: selection: ratio).
+
+    1. Score every sample by its mean log-loss over the isolation epochs (`suspicion_score`).
+    2. Otsu's threshold splits the scores in two groups. The low group counts only when it is a real
+       cluster, `min_separation` pooled standard deviations below the rest; otherwise (clean data, or a
+       backdoor not learned yet) the plain fixed `ratio` is isolated.
+    3. With `concentrate`, only the low group's majority label (the implicated class) is isolated: ABL
+       observes that isolated samples concentrate in the backdoor's target class (a dirty-label backdoor
+       carries the target label, a clean-label one lives in it); easy clean samples of other classes
+       stay. When the implicated class alone also splits clearly in two, its own split is used.
+    At most `max_ratio` of the set is isolated. Returns the sorted indices and a report of the decision.
+    """
+    score = suspicion_score(loss_history)
+    threshold, separation = otsu_split(score)
+    low = np.flatnonzero(score <= threshold)
+    implicated = int(np.bincount(labels[low]).argmax()) if len(low) else -1
+    report = {"implicated_label": implicated, "threshold": round(threshold, 4), "separation": round(separation, 3)}
+    if separation < p.min_separation:
+        return select_isolated(loss_history, ids, p.ratio), {**report, "rule": "ratio (no separated low-loss group)"}
+    chosen = low
+    if p.concentrate:
+        pool = np.flatnonzero(labels == implicated)
+        class_threshold, class_separation = otsu_split(score[pool])
+        report["class_separation"] = round(class_separation, 3)
+        # Where the implicated class itself splits into two clear groups (easy clean samples of that
+        # class against the backdoor), its own split is finer than the global one.
+        if class_separation >= p.min_separation:
+            chosen = pool[score[pool] <= class_threshold]
+        else:
+            chosen = low[labels[low] == implicated]
+    cap = int(round(p.max_ratio * len(score)))
+    if len(chosen) > cap:
+        chosen = chosen[np.lexsort((ids[chosen], score[chosen]))[:cap]]
+    return np.sort(chosen), {**report, "rule": "adaptive"}
 
 
 def train_lga(params: Params, store: Store, device: torch.device):
@@ -56,7 +123,8 @@ def isolation_metrics(store: Store, isolated: np.ndarray) -> dict:
     out = {"n_isolated": int(len(isolated)), "isolated_class_share": shares,
            "dominant_class": max(shares, key=shares.get) if shares else None}
     if paths.REDTEAM_TRUTH.exists():  # metrics only: the choice above never saw this file
-        poisoned = set(pd.read_csv(paths.REDTEAM_TRUTH, dtype={"id": str})["id"])
+        truth = pd.read_csv(paths.REDTEAM_TRUTH, dtype={"id": str})
+        poisoned = set(truth.loc[truth["role"] == "backdoor", "id"])  # WaNet's noise-mode samples keep their labels
         if poisoned:
             hits = sum(1 for i in store.ids[isolated] if i in poisoned)
             out["isolation_precision"] = round(hits / len(isolated), 4) if len(isolated) else None
@@ -64,14 +132,25 @@ def isolation_metrics(store: Store, isolated: np.ndarray) -> dict:
     return out
 
 
+def choose(history: np.ndarray, store: Store, p: IsolateParams) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(isolated indices, the score they were ranked by, a report of the rule), per `isolate.selection`."""
+    if p.ratio == 0:
+        return np.empty(0, dtype=np.int64), history[:, -1], {"rule": "off (isolate.ratio: 0)"}
+    if p.selection == "ratio":
+        return select_isolated(history, store.ids, p.ratio), history[:, -1], {"rule": "ratio"}
+    isolated, report = adaptive_selection(history, store.labels, store.ids, p)
+    score = suspicion_score(history) if report["rule"] == "adaptive" else history[:, -1]
+    return isolated, score, report
+
+
 def run(params: Params) -> None:
     device = pick_device(params.device)
     store = load_store(paths.TRAIN_STORE)
     model, spec, history = train_lga(params, store, device)
-    isolated = select_isolated(history, store.ids, params.isolate.ratio)
+    isolated, score, rule = choose(history, store, params.isolate)
 
     rank = np.empty(len(store), dtype=np.int64)
-    rank[np.lexsort((store.ids, history[:, -1]))] = np.arange(1, len(store) + 1)
+    rank[np.lexsort((store.ids, score))] = np.arange(1, len(store) + 1)
     is_isolated = np.zeros(len(store), dtype=bool)
     is_isolated[isolated] = True
     epochs = [f"loss_epoch_{e + 1}" for e in range(history.shape[1])]
@@ -80,6 +159,7 @@ def run(params: Params) -> None:
         scores.insert(0, "id", store.ids)
         scores.insert(1, "label", store.labels)
         scores["final_loss"] = history[:, -1].round(6)
+        scores["suspicion"] = (-suspicion_score(history)).round(4)
         scores["rank"] = rank
         scores["isolated"] = is_isolated.astype(int)
         scores.to_csv(out / paths.SCORES_CSV.name, index=False)
@@ -94,6 +174,6 @@ def run(params: Params) -> None:
         (e + 1, round(float(history[is_isolated, e].mean()), 6) if is_isolated.any() else "",
          round(float(history[kept, e].mean()), 6)) for e in range(history.shape[1])])
     metrics = isolation_metrics(store, isolated)
-    write_json(paths.metrics_file("isolate"), {"device": device.type, **metrics})
-    print(f"[isolate] isolated {len(isolated)} of {len(store)} samples; " +
+    write_json(paths.metrics_file("isolate"), {"device": device.type, "selection": rule, **metrics})
+    print(f"[isolate] isolated {len(isolated)} of {len(store)} samples ({rule['rule']}); " +
           ", ".join(f"{k}={v}" for k, v in metrics.items() if k.startswith("isolation_")), file=sys.stderr)

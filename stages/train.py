@@ -113,20 +113,26 @@ def unlikelihood(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def joint_unlearn_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                         xq: torch.Tensor, yq: torch.Tensor, weight: float, batch_size: int,
                         gen: torch.Generator) -> tuple[float, float]:
-    """One pass over the clean set; every batch also carries the suspects, pushed away from their label.
+    """One pass over the clean set; every batch also carries suspects, pushed away from their label.
 
     Clean rows and suspects share one forward pass in train mode, so BatchNorm sees one distribution:
     with the suspects in eval mode and clean rows in train mode, the clean loss cannot repair what the
-    ascent does to the eval-mode path, and clean accuracy collapses.
+    ascent does to the eval-mode path, and clean accuracy collapses. A batch carries all suspects, or a
+    random batch_size of them when there are more, so a large quarantine does not slow the epoch down.
     """
     model.train()
     order = torch.randperm(len(y), generator=gen, device=y.device)
     clean_total, suspect_total = 0.0, 0.0
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        logits = model(torch.cat([x[idx], xq]))
+        if len(yq) > batch_size:
+            pick = torch.randperm(len(yq), generator=gen, device=yq.device)[:batch_size]
+            xs, ys = xq[pick], yq[pick]
+        else:
+            xs, ys = xq, yq
+        logits = model(torch.cat([x[idx], xs]))
         clean_loss = F.cross_entropy(logits[:len(idx)], y[idx])
-        suspect_loss = unlikelihood(logits[len(idx):], yq).mean()
+        suspect_loss = unlikelihood(logits[len(idx):], ys).mean()
         opt.zero_grad(set_to_none=True)
         (clean_loss + weight * suspect_loss).backward()
         opt.step()

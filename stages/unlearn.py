@@ -17,7 +17,7 @@ import torch
 
 from stages import paths
 from stages.config import Params
-from stages.data import load_store
+from stages.data import Store, load_store
 from stages.fileio import write_csv, write_json
 from stages.models import load_checkpoint, save_checkpoint
 from stages.train import (Progress, accuracy, joint_unlearn_epoch, make_optimizer, pick_device, seed_everything,
@@ -85,11 +85,12 @@ def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list)
             "guard_accuracy_before": round(baseline, 4), "guard_accuracy_after": round(accuracy(model, x_val[guard], y_val[guard]), 4)}
 
 
-def run(params: Params) -> None:
-    device = pick_device(params.device)
+def sanitize(model, params: Params, clean: Store, quarantined: Store, device: torch.device) -> tuple[list, dict]:
+    """Fine-tune `model` (the isolation checkpoint) on the clean set, then unlearn the quarantined set.
+
+    Returns the curve [(phase, epoch, loss, held-out accuracy)] and a report; the model is changed in place.
+    """
     seed_everything(params.seed)
-    model, ckpt = load_checkpoint(paths.ISOLATE_MODEL, device)
-    clean, quarantined = load_store(paths.CLEAN_STORE), load_store(paths.QUARANTINE_STORE)
     fit, val = holdout_split(len(clean), params.unlearn.holdout, params.seed)
     x_all, y_all = to_tensor(clean.x, device), torch.from_numpy(clean.labels).to(device)
     x, y, x_val, y_val = x_all[fit], y_all[fit], x_all[val], y_all[val]
@@ -101,11 +102,15 @@ def run(params: Params) -> None:
     if len(quarantined) and params.unlearn.epochs and params.isolate.ratio > 0:
         xq, yq = to_tensor(quarantined.x, device), torch.from_numpy(quarantined.labels).to(device)
         report = unlearn(model, params, xq, yq, x, y, x_val, y_val, gen, curve)
+    return curve, {"n_finetune": int(len(fit)), "n_holdout": int(len(val)), "n_quarantined": len(quarantined),
+                   "holdout_accuracy": round(accuracy(model, x_val, y_val), 4), **report}
 
+
+def run(params: Params) -> None:
+    device = pick_device(params.device)
+    model, ckpt = load_checkpoint(paths.ISOLATE_MODEL, device)
+    curve, report = sanitize(model, params, load_store(paths.CLEAN_STORE), load_store(paths.QUARANTINE_STORE), device)
     save_checkpoint(paths.MODEL, model, ckpt["spec"], {"seed": params.seed})
     write_csv(paths.PLOTS / "unlearn.csv", ["step", "phase", "epoch", "loss", "clean_accuracy"],
               [(k + 1, phase, e, round(loss, 6), round(acc, 6)) for k, (phase, e, loss, acc) in enumerate(curve)])
-    write_json(paths.metrics_file("unlearn"), {
-        "device": device.type, "n_finetune": int(len(fit)), "n_holdout": int(len(val)),
-        "n_quarantined": len(quarantined), "holdout_accuracy": round(accuracy(model, x_val, y_val), 4), **report,
-    })
+    write_json(paths.metrics_file("unlearn"), {"device": device.type, **report})

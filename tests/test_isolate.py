@@ -30,8 +30,8 @@ def test_select_isolated_takes_lowest_final_loss_with_stable_ties():
 
 def small_poisoned_digits(params: Params):
     src = read_digits(0.2, params.seed)
-    x, y, truth = poison(src.train.x, src.train.y, params.redteam, params.seed)
-    return make_store(x, y, src.train.ids, [str(i) for i in range(10)]), truth
+    x, y, roles = poison(src.train.x, src.train.y, params.redteam, params.seed)
+    return make_store(x, y, src.train.ids, [str(i) for i in range(10)]), np.array(sorted(roles))
 
 
 def test_same_seed_gives_same_isolated_ids_on_cpu():

@@ -1,0 +1,251 @@
+"""python -m bench.defense: how well the defense removes each attack, against no defense and the oracle.
+
+For each dataset, attack and poison rate, with one model and one epoch budget per dataset:
+- none: standard training (cross-entropy, cosine schedule) on the poisoned set for
+  isolate.epochs + unlearn.finetune_epochs epochs, the epochs the defended model trains for;
+- oracle: the same training with every sample the attack touched removed (the floor for ASR);
+- abl: plain ABL (Li et al. 2021): isolate the 1% lowest-loss samples, fine-tune on the rest,
+  gradient ascent on the isolated set at lr 5e-4;
+- abl+joint: the same 1% isolation, with joint unlikelihood unlearning (this project's unlearning);
+- abl+adaptive: this project's default: isolation sized from the loss curves, joint unlearning.
+The defenses call the pipeline's own functions (stages.isolate, stages.unlearn); they never see the
+red-team truth, which only the metrics read.
+
+Writes bench/results/defense.json (rows: dataset, attack, poison_rate, defense, clean_accuracy, asr,
+isolation_precision, isolation_recall, seconds) and bench/results/defense.md. --quick runs a small
+digits subset into bench/results/quick/. Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stages.config import Params
+from stages.data import Store, make_store
+from stages.fileio import write_json, write_text
+from stages.isolate import choose, train_lga
+from stages.models import build_model, model_spec
+from stages.sources import read_source
+from stages.train import channel_stats, make_optimizer, predict_logits, seed_everything, to_tensor, train_epoch
+from stages.unlearn import sanitize
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR_SUBSET = "../shared/data/cifar10_subset.npz"  # relative to the project root, where the benchmark runs
+ATTACKS = ["badnets", "blend", "sig", "wanet"]
+RATES = [0.01, 0.05, 0.10]
+KEYS = ["dataset", "attack", "poison_rate", "defense", "clean_accuracy", "asr", "isolation_precision",
+        "isolation_recall", "seconds"]
+
+# One model and epoch budget per dataset, sized so the full benchmark fits in an hour on 2 CPU cores.
+PROFILES = {
+    "digits": {"data": {"source": "digits"}, "model": {"width": 32},
+               "isolate": {"epochs": 10}, "unlearn": {"finetune_epochs": 10}},
+    "cifar10": {"data": {"source": "npz", "path": CIFAR_SUBSET}, "model": {"width": 16},
+                "train": {"crop_padding": 2, "flip": True},
+                "isolate": {"epochs": 10}, "unlearn": {"finetune_epochs": 8}},
+}
+# Each defense is a set of overrides on the profile; plain ABL stays reachable as settings.
+DEFENSES = {
+    "abl": {"isolate": {"selection": "ratio", "ratio": 0.01},
+            "unlearn": {"mode": "ascent", "lr": 5e-4, "epochs": 20}},
+    "abl+joint": {"isolate": {"selection": "ratio", "ratio": 0.01}, "unlearn": {"mode": "joint"}},
+    "abl+adaptive": {"isolate": {"selection": "adaptive"}, "unlearn": {"mode": "joint"}},
+}
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = merge(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def profile_params(dataset: str, attack: str, rate: float, defense: dict | None = None) -> Params:
+    raw = merge(PROFILES[dataset], {"seed": 0, "device": "auto", "redteam": {"attack": attack, "poison_rate": rate}})
+    return Params.model_validate(merge(raw, defense or {}))
+
+
+def load_case(dataset: str, attack: str, rate: float):
+    """(poisoned train store, test images, test labels, truth index of every touched sample, backdoor index)."""
+    from stages.triggers import poison
+
+    params = profile_params(dataset, attack, rate)
+    source = read_source(params.data.source, params.data.path, params.data.test_size, params.seed)
+    n_classes = int(max(source.train.y.max(), source.test.y.max())) + 1
+    x, labels, roles = poison(source.train.x, source.train.y, params.redteam, params.seed)
+    train = make_store(x, labels, source.train.ids, [str(c) for c in range(n_classes)])
+    touched = np.array(sorted(roles), dtype=np.int64)
+    backdoor = np.array(sorted(i for i, r in roles.items() if r == "backdoor"), dtype=np.int64)
+    return params, train, source.test.x, source.test.y, touched, backdoor
+
+
+def evaluate(model, params: Params, x_test: np.ndarray, y_test: np.ndarray, device) -> tuple[float, float]:
+    """(clean accuracy, ASR) of a torch model: ASR on triggered test images whose label is not the target."""
+    from stages.triggers import apply_trigger
+
+    rt = params.redteam
+    pred = predict_logits(model, to_tensor(x_test, device)).argmax(1).cpu().numpy()
+    keep = y_test != rt.target
+    triggered = apply_trigger(x_test[keep], rt.attack, rt)
+    pred_t = predict_logits(model, to_tensor(triggered, device)).argmax(1).cpu().numpy()
+    return float(np.mean(pred == y_test)), float(np.mean(pred_t == rt.target))
+
+
+def train_standard(params: Params, store: Store, device) -> torch.nn.Module:
+    """Plain supervised training with the same model, augmentation and epoch budget as the defense."""
+    seed_everything(params.seed)
+    mean, std = channel_stats(store.x)
+    model = build_model(model_spec(store.image_shape, len(store.class_names), params.model.width, mean, std)).to(device)
+    x, y = to_tensor(store.x, device), torch.from_numpy(store.labels).to(device)
+    epochs = params.isolate.epochs + params.unlearn.finetune_epochs
+    opt = make_optimizer(model, params.train.lr, params.train)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    gen = torch.Generator(device=device).manual_seed(params.seed)
+    for _ in range(epochs):
+        train_epoch(model, opt, x, y, lambda l: l.mean(), params.train.batch_size, gen,
+                    params.train.crop_padding, params.train.flip)
+        sched.step()
+    return model
+
+
+def row(case: tuple, defense: str, ca: float, asr: float, precision, recall, seconds: float) -> dict:
+    dataset, attack, rate = case
+    return {"dataset": dataset, "attack": attack, "poison_rate": rate, "defense": defense,
+            "clean_accuracy": round(ca, 4), "asr": round(asr, 4),
+            "isolation_precision": None if precision is None else round(precision, 4),
+            "isolation_recall": None if recall is None else round(recall, 4), "seconds": round(seconds, 1)}
+
+
+def run_task(task: tuple) -> list[dict]:
+    """One unit of work: (dataset, attack, rate, kind), kind "none", "oracle" or "defenses"."""
+    dataset, attack, rate, kind, defenses, threads = task
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    params, train, x_test, y_test, touched, backdoor = load_case(dataset, attack, rate)
+    case = (dataset, attack, rate)
+    t0 = time.perf_counter()
+    if kind in ("none", "oracle"):
+        keep = np.setdiff1d(np.arange(len(train)), touched) if kind == "oracle" else np.arange(len(train))
+        model = train_standard(params, train.subset(keep), device)
+        return [row(case, kind, *evaluate(model, params, x_test, y_test, device), None, None, time.perf_counter() - t0)]
+
+    rows = []
+    lga_model, _, history = train_lga(params, train, device)
+    isolation_seconds = time.perf_counter() - t0
+    for name in defenses:
+        t1 = time.perf_counter()
+        p = profile_params(dataset, attack, rate, DEFENSES[name])
+        isolated, _, _ = choose(history, train, p.isolate)
+        hits = np.isin(isolated, backdoor).sum()
+        precision = hits / len(isolated) if len(isolated) else 0.0
+        recall = hits / len(backdoor) if len(backdoor) else float("nan")
+        model = copy.deepcopy(lga_model)
+        clean = train.subset(np.setdiff1d(np.arange(len(train)), isolated))
+        sanitize(model, p, clean, train.subset(isolated), device)
+        ca, asr = evaluate(model, p, x_test, y_test, device)
+        rows.append(row(case, name, ca, asr, precision, recall, isolation_seconds + time.perf_counter() - t1))
+    return rows
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}; Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = ["# Defense benchmark", "", f"Machine: {meta['machine']}. Wall time: {meta['wall_seconds'] / 60:.1f} min "
+             f"({meta['jobs']} worker processes, {meta['threads']} torch thread(s) each).", "",
+             "Model and budget per dataset (`none` and `oracle` train for isolate + fine-tune epochs):", ""]
+    for name, prof in meta["profiles"].items():
+        lines.append(f"- **{name}**: `{json.dumps(prof, sort_keys=True)}`")
+    lines += ["", "Defenses: " + "; ".join(f"**{k}** `{json.dumps(v, sort_keys=True)}`" for k, v in DEFENSES.items()),
+              "", "ASR: triggered test images whose label is not the target, classified as the target. "
+              "Isolation precision/recall count the samples carrying the trigger and the target label "
+              "(WaNet's noise-mode samples keep their labels and are not counted).", ""]
+    lines += ["| dataset | attack | rate | defense | CA | ASR | iso. precision | iso. recall | seconds |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r[k]) for k in KEYS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def sort_key(r: dict):
+    order = ["none", "oracle", *DEFENSES]
+    return (r["dataset"], ATTACKS.index(r["attack"]), r["poison_rate"], order.index(r["defense"]))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.defense", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="digits, badnets and sig at 10%%, for CI (about 2 minutes)")
+    ap.add_argument("--datasets", default="digits,cifar10")
+    ap.add_argument("--attacks", default=",".join(ATTACKS))
+    ap.add_argument("--rates", default=",".join(map(str, RATES)))
+    ap.add_argument("--defenses", default=",".join(DEFENSES))
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                    help="worker processes (each uses cores/jobs torch threads)")
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default bench/results, quick: bench/results/quick)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.datasets, args.attacks, args.rates = "digits", "badnets,sig", "0.1"
+    out = args.out or ROOT / "bench" / "results" / ("quick" if args.quick else "")
+    datasets, attacks = args.datasets.split(","), args.attacks.split(",")
+    rates, defenses = [float(r) for r in args.rates.split(",")], args.defenses.split(",")
+    unknown = [d for d in datasets if d not in PROFILES] + [a for a in attacks if a not in ATTACKS] + \
+        [d for d in defenses if d not in DEFENSES]
+    if unknown:
+        ap.error(f"unknown dataset, attack or defense: {unknown}")
+    os.chdir(ROOT)
+    if "cifar10" in datasets and not Path(CIFAR_SUBSET).exists():
+        ap.error(f"{CIFAR_SUBSET} not found: put the CIFAR-10 subset there or pass --datasets digits")
+
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    # The costliest units first, so the pool ends together.
+    tasks = [(d, a, r, kind, defenses, threads) for d in datasets for a in attacks for r in rates
+             for kind in ("defenses", "none", "oracle")]
+    tasks.sort(key=lambda t: (t[0] != "cifar10", t[3] != "defenses"))
+    rows, t0 = [], time.perf_counter()
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(run_task, t): t for t in tasks}
+        for done, future in enumerate(as_completed(futures), 1):
+            for r in future.result():
+                rows.append(r)
+                print(f"[bench] {r['dataset']} {r['attack']} {r['poison_rate']:.2f} {r['defense']:<13} "
+                      f"CA {r['clean_accuracy']:.3f} ASR {r['asr']:.3f} precision {fmt(r['isolation_precision'])} "
+                      f"recall {fmt(r['isolation_recall'])} ({r['seconds']:.0f} s)", file=sys.stderr, flush=True)
+            elapsed = time.perf_counter() - t0
+            print(f"[bench] {done}/{len(tasks)} units done, {elapsed / 60:.1f} min elapsed", file=sys.stderr, flush=True)
+    rows.sort(key=sort_key)
+    meta = {"machine": machine(), "wall_seconds": round(time.perf_counter() - t0, 1), "jobs": args.jobs,
+            "threads": threads, "profiles": {d: PROFILES[d] for d in datasets}}
+    write_json(out / "defense.json", rows)
+    write_json(out / "defense.meta.json", meta)
+    write_text(out / "defense.md", markdown(rows, meta))
+    print(f"[bench] wrote {out / 'defense.json'} and defense.md ({meta['wall_seconds'] / 60:.1f} min)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
