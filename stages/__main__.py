@@ -14,9 +14,12 @@ STAGES = ("ingest", "isolate", "quarantine", "unlearn", "export", "gate")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["review"]:
+        return review(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m stages", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=[*STAGES, "schema"], help="a pipeline stage, or `schema` to "
-                        "regenerate schemas/params.schema.json")
+    parser.add_argument("command", choices=[*STAGES, "schema", "review"], help="a pipeline stage, `schema` to "
+                        "regenerate schemas/params.schema.json, or `review` (see `review --help`)")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
 
@@ -39,6 +42,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gate: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def review(argv: list[str]) -> int:
+    from stages.errors import SanitizeError
+    from stages.review import main as review_main
+
+    try:
+        return review_main(argv)
+    except SanitizeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

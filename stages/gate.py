@@ -70,6 +70,10 @@ def run(params: Params) -> None:
         "asr": asr, "max_asr": gp.max_asr, "target": rt.target if rt.attack else None,
         "n_test": len(test), "checks": checks,
     })
+    from stages.review_page import write_review_page
+
+    if paths.QUARANTINE_CSV.exists():
+        write_review_page(params, gate={"passed": passed, "checks": checks, "n_test": len(test)})
     for c in checks:
         print(f"[gate] {c['name']} = {c['value']} ({c['rule']} {c['threshold']}): "
               f"{'pass' if c['passed'] else 'FAIL'}", file=sys.stderr)

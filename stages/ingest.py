@@ -121,6 +121,17 @@ def read_and_validate(params: Params) -> tuple[Store, Store, dict, list[str]]:
     return train, test, {**validation, "duplicates": duplicate_report(table)}, source.notes
 
 
+def redteam_test_set(test: Store, params: Params) -> Store:
+    """Test images whose label is not the target, triggered and labelled as the target: accuracy on
+    this set is the ASR. Written for metrics (the unlearning curve); the defense never reads it."""
+    from stages.triggers import apply_trigger
+
+    rt = params.redteam
+    keep = np.flatnonzero(test.labels != rt.target)
+    x = apply_trigger(test.x[keep], rt.attack, rt)
+    return make_store(x, np.full(len(keep), rt.target), test.ids[keep], test.class_names)
+
+
 def run(params: Params) -> None:
     train, test, validation, notes = read_and_validate(params)
     class_names = list(train.class_names)
@@ -142,6 +153,8 @@ def run(params: Params) -> None:
         save_store(out / paths.TRAIN_STORE.name, train)
         save_store(out / paths.TEST_STORE.name, test)
         table.to_csv(out / paths.SAMPLES_CSV.name, index=False)
+        if rt.attack:
+            save_store(out / paths.REDTEAM_TEST.name, redteam_test_set(test, params))
         write_csv(out / paths.REDTEAM_TRUTH.name, ["id", "original_label", "attack", "target", "role"],
                   truth_rows)
     counts = Counter(train.labels.tolist())

@@ -18,6 +18,7 @@ from stages.config import IsolateParams, Params
 from stages.data import Store, load_store
 from stages.fileio import atomic_dir, write_csv, write_json
 from stages.models import build_model, model_spec, save_checkpoint
+from stages.plots import isolation_plots
 from stages.train import (Progress, channel_stats, lga_loss, make_optimizer, per_sample_losses, pick_device,
                           seed_everything, to_tensor, train_epoch)
 
@@ -173,6 +174,11 @@ def run(params: Params) -> None:
     write_csv(paths.PLOTS / "isolate_loss.csv", ["epoch", "isolated", "kept"], [
         (e + 1, round(float(history[is_isolated, e].mean()), 6) if is_isolated.any() else "",
          round(float(history[kept, e].mean()), 6)) for e in range(history.shape[1])])
+    if rule["rule"] == "adaptive":
+        log10_score, score_name = score / np.log(10), "loss, geometric mean over the isolation epochs"
+    else:
+        log10_score, score_name = np.log10(history[:, -1].astype(np.float64) + LOG_FLOOR), "loss at the last epoch"
+    isolation_plots(history, log10_score, score_name, isolated, paths.PLOTS)
     metrics = isolation_metrics(store, isolated)
     write_json(paths.metrics_file("isolate"), {"device": device.type, "selection": rule, **metrics})
     print(f"[isolate] isolated {len(isolated)} of {len(store)} samples ({rule['rule']}); " +

@@ -7,6 +7,7 @@ TRAIN_STORE = INGESTED / "train.npz"
 TEST_STORE = INGESTED / "test.npz"
 SAMPLES_CSV = INGESTED / "samples.csv"
 REDTEAM_TRUTH = INGESTED / "redteam_truth.csv"  # read by metrics only, never by a defense
+REDTEAM_TEST = INGESTED / "redteam_test.npz"  # triggered non-target test images labelled as the target: metrics only
 
 ISOLATE = Path("data/isolate")
 SCORES_CSV = ISOLATE / "scores.csv"
@@ -16,6 +17,9 @@ ISOLATE_MODEL = Path("models/isolate.pt")
 QUARANTINE = Path("data/quarantine")
 QUARANTINE_CSV = QUARANTINE / "quarantine.csv"
 QUARANTINE_STORE = QUARANTINE / "quarantine.npz"
+QUARANTINE_IMAGES = QUARANTINE / "images"
+KEPT_CSV = QUARANTINE / "kept.csv"  # typical kept samples shown beside the suspects
+REVIEW_PAGE = QUARANTINE / "index.html"
 CLEAN = Path("data/clean")
 CLEAN_STORE = CLEAN / "train.npz"
 DECISIONS_CSV = Path("review/decisions.csv")

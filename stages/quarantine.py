@@ -18,10 +18,12 @@ from stages.data import Store, load_store, save_store
 from stages.config import Params
 from stages.errors import SanitizeError
 from stages.fileio import atomic_dir, write_json
-from stages.review_page import render_review_page
+from stages.review_page import write_review_page
 
 DECISIONS = ("release", "confirm")
 DECISION_COLUMNS = ["id", "decision", "note"]
+MANIFEST_COLUMNS = ["id", "label", "class_name", "rank", "final_loss", "suspicion", "decision", "quarantined", "note",
+                    "sha256", "image"]
 
 
 def read_decisions(path: Path, suspects: set[str]) -> dict[str, tuple[str, str]]:
@@ -84,6 +86,9 @@ def run(params: Params) -> None:
     clean, quarantined = store.subset(np.flatnonzero(~in_quarantine)), store.subset(np.flatnonzero(in_quarantine))
     check_partition(store, clean, quarantined)
 
+    scores = pd.read_csv(paths.SCORES_CSV, dtype={"id": str}, keep_default_na=False)
+    typical = typical_kept(scores, set(isolated["id"]), set(isolated["label"]))
+    suspicion = dict(zip(scores["id"], scores["suspicion"]))
     rows = []
     with atomic_dir(paths.QUARANTINE) as out:
         (out / "images").mkdir()
@@ -93,18 +98,34 @@ def run(params: Params) -> None:
             write_png(out / image, store.x[i])
             decision, note = decisions.get(r.id, ("pending", ""))
             rows.append({"id": r.id, "label": int(store.labels[i]), "class_name": store.class_names[store.labels[i]],
-                         "rank": int(r.rank), "final_loss": float(r.final_loss), "decision": decision,
-                         "quarantined": int(decision != "release"), "note": note, "sha256": store.sha256[i],
-                         "image": image})
-        manifest = pd.DataFrame(rows, columns=["id", "label", "class_name", "rank", "final_loss", "decision",
-                                               "quarantined", "note", "sha256", "image"])
+                         "rank": int(r.rank), "final_loss": float(r.final_loss), "suspicion": suspicion[r.id],
+                         "decision": decision, "quarantined": int(decision != "release"), "note": note,
+                         "sha256": store.sha256[i], "image": image})
+        manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
         manifest.to_csv(out / paths.QUARANTINE_CSV.name, index=False)
+        kept_rows = []
+        for k, (sample_id, label) in enumerate(typical):
+            image = f"images/kept-{k:04d}.png"
+            write_png(out / image, store.x[position[sample_id]])
+            kept_rows.append((sample_id, label, image))
+        pd.DataFrame(kept_rows, columns=["id", "label", "image"]).to_csv(out / paths.KEPT_CSV.name, index=False)
         save_store(out / paths.QUARANTINE_STORE.name, quarantined)
-        summary = {"n_ingested": len(store), "n_clean": len(clean), "n_quarantined": len(quarantined),
-                   "n_released": len(released), "n_confirmed": sum(d == "confirm" for d, _ in decisions.values())}
-        (out / "index.html").write_text(render_review_page(manifest, store, summary, params), encoding="utf-8")
     with atomic_dir(paths.CLEAN) as out:
         save_store(out / paths.CLEAN_STORE.name, clean)
+    summary = {"n_ingested": len(store), "n_clean": len(clean), "n_quarantined": len(quarantined),
+               "n_released": len(released), "n_confirmed": sum(d == "confirm" for d, _ in decisions.values())}
     write_json(paths.metrics_file("quarantine"), summary)
-    print(f"[quarantine] {len(quarantined)} quarantined, {len(released)} released, {len(clean)} clean",
-          file=sys.stderr)
+    write_review_page(params)
+    print(f"[quarantine] {len(quarantined)} quarantined, {len(released)} released, {len(clean)} clean; "
+          f"review page: {paths.REVIEW_PAGE}", file=sys.stderr)
+
+
+def typical_kept(scores: pd.DataFrame, suspects: set, labels: set, per_class: int = 6) -> list[tuple[str, int]]:
+    """Kept samples of each suspect class whose final loss is nearest the class median: what a normal
+    sample of that class looks like, beside the suspects."""
+    out = []
+    for label in sorted(labels):
+        kept = scores[(scores["label"] == label) & ~scores["id"].isin(suspects)]
+        nearest = (kept["final_loss"] - kept["final_loss"].median()).abs().sort_values(kind="stable").index[:per_class]
+        out += [(sample_id, int(label)) for sample_id in kept.loc[nearest, "id"]]
+    return out

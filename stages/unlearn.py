@@ -20,6 +20,7 @@ from stages.config import Params
 from stages.data import Store, load_store
 from stages.fileio import write_csv, write_json
 from stages.models import load_checkpoint, save_checkpoint
+from stages.plots import unlearn_plot
 from stages.train import (Progress, accuracy, joint_unlearn_epoch, make_optimizer, pick_device, seed_everything,
                           to_tensor, train_epoch)
 
@@ -31,7 +32,7 @@ def holdout_split(n: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarr
     return np.sort(order[k:]), np.sort(order[:k])
 
 
-def finetune(model, params: Params, x, y, x_val, y_val, gen, curve: list) -> None:
+def finetune(model, params: Params, x, y, x_val, y_val, gen, curve: list, watch=None) -> None:
     tp, up = params.train, params.unlearn
     opt = make_optimizer(model, tp.lr, tp)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(up.finetune_epochs, 1))
@@ -40,7 +41,8 @@ def finetune(model, params: Params, x, y, x_val, y_val, gen, curve: list) -> Non
         loss = train_epoch(model, opt, x, y, lambda l: l.mean(), tp.batch_size, gen, tp.crop_padding, tp.flip)
         sched.step()
         acc = accuracy(model, x_val, y_val)
-        curve.append(("finetune", epoch + 1, loss, acc))
+        curve.append({"phase": "finetune", "epoch": epoch + 1, "loss": loss, "clean_accuracy": acc,
+                      **(watch(model) if watch else {})})
         progress.epoch(epoch + 1, loss=loss, clean_accuracy=acc)
 
 
@@ -49,7 +51,7 @@ def implicated_class(labels: np.ndarray) -> int:
     return int(np.bincount(labels).argmax())
 
 
-def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list) -> dict:
+def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list, watch=None) -> dict:
     """Unlearn the suspects (plain ABL ascent or joint), with a clean-accuracy guard and rollback.
 
     The guard leaves out held-out samples of the implicated class: unlearning is meant to change how
@@ -72,7 +74,8 @@ def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list)
             suspect_loss = -train_epoch(model, opt, xq, yq, lambda l: -l.mean(), up.batch_size, gen, freeze_bn=True)
             loss = suspect_loss
         acc = accuracy(model, x_val[guard], y_val[guard])
-        curve.append((up.mode, epoch + 1, loss, accuracy(model, x_val, y_val)))
+        curve.append({"phase": up.mode, "epoch": epoch + 1, "loss": loss, "clean_accuracy": accuracy(model, x_val, y_val),
+                      **(watch(model) if watch else {})})
         progress.epoch(epoch + 1, loss=loss, suspect_loss=suspect_loss, guard_accuracy=acc)
         if baseline - acc > up.max_accuracy_drop:
             model.load_state_dict(previous)
@@ -85,10 +88,12 @@ def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list)
             "guard_accuracy_before": round(baseline, 4), "guard_accuracy_after": round(accuracy(model, x_val[guard], y_val[guard]), 4)}
 
 
-def sanitize(model, params: Params, clean: Store, quarantined: Store, device: torch.device) -> tuple[list, dict]:
+def sanitize(model, params: Params, clean: Store, quarantined: Store, device: torch.device,
+             watch=None) -> tuple[list, dict]:
     """Fine-tune `model` (the isolation checkpoint) on the clean set, then unlearn the quarantined set.
 
-    Returns the curve [(phase, epoch, loss, held-out accuracy)] and a report; the model is changed in place.
+    Returns the curve (one dict per epoch: phase, epoch, loss, held-out clean accuracy, and what
+    `watch(model)` adds) and a report; the model is changed in place.
     """
     seed_everything(params.seed)
     fit, val = holdout_split(len(clean), params.unlearn.holdout, params.seed)
@@ -97,20 +102,34 @@ def sanitize(model, params: Params, clean: Store, quarantined: Store, device: to
     gen = torch.Generator(device=device).manual_seed(params.seed)
 
     curve: list = []
-    finetune(model, params, x, y, x_val, y_val, gen, curve)
+    finetune(model, params, x, y, x_val, y_val, gen, curve, watch)
     report = {"unlearn_epochs_run": 0, "rolled_back": False}
     if len(quarantined) and params.unlearn.epochs and params.isolate.ratio > 0:
         xq, yq = to_tensor(quarantined.x, device), torch.from_numpy(quarantined.labels).to(device)
-        report = unlearn(model, params, xq, yq, x, y, x_val, y_val, gen, curve)
+        report = unlearn(model, params, xq, yq, x, y, x_val, y_val, gen, curve, watch)
     return curve, {"n_finetune": int(len(fit)), "n_holdout": int(len(val)), "n_quarantined": len(quarantined),
                    "holdout_accuracy": round(accuracy(model, x_val, y_val), 4), **report}
+
+
+def redteam_watch(device: torch.device):
+    """ASR per epoch on the red-team test images that ingest wrote, for the plot only: a metric, like
+    isolation precision; no choice of the defense reads it (the guard above uses clean data only)."""
+    if not paths.REDTEAM_TEST.exists():
+        return None
+    triggered = load_store(paths.REDTEAM_TEST)
+    x, target = to_tensor(triggered.x, device), torch.from_numpy(triggered.labels).to(device)
+    return lambda model: {"asr": accuracy(model, x, target)}
 
 
 def run(params: Params) -> None:
     device = pick_device(params.device)
     model, ckpt = load_checkpoint(paths.ISOLATE_MODEL, device)
-    curve, report = sanitize(model, params, load_store(paths.CLEAN_STORE), load_store(paths.QUARANTINE_STORE), device)
+    curve, report = sanitize(model, params, load_store(paths.CLEAN_STORE), load_store(paths.QUARANTINE_STORE), device,
+                             redteam_watch(device))
     save_checkpoint(paths.MODEL, model, ckpt["spec"], {"seed": params.seed})
-    write_csv(paths.PLOTS / "unlearn.csv", ["step", "phase", "epoch", "loss", "clean_accuracy"],
-              [(k + 1, phase, e, round(loss, 6), round(acc, 6)) for k, (phase, e, loss, acc) in enumerate(curve)])
+    columns = ["phase", "epoch", "loss", "clean_accuracy"] + (["asr"] if curve and "asr" in curve[0] else [])
+    write_csv(paths.PLOTS / "unlearn.csv", ["step", *columns],
+              [(k + 1, *(round(c[col], 6) if isinstance(c[col], float) else c[col] for col in columns))
+               for k, c in enumerate(curve)])
+    unlearn_plot(curve, paths.PLOTS / "unlearn.png")
     write_json(paths.metrics_file("unlearn"), {"device": device.type, **report})

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from stages.config import Params
+from stages.config import IsolateParams, Params
 from stages.data import make_store
-from stages.isolate import select_isolated, train_lga
+from stages.isolate import adaptive_selection, otsu_split, select_isolated, train_lga
 from stages.sources import read_digits
 from stages.train import lga_loss
 from stages.triggers import poison
@@ -51,3 +51,42 @@ def test_lga_isolates_badnets_poison_on_digits():
     chosen = select_isolated(history, store.ids, params.isolate.ratio)
     precision = np.isin(chosen, truth).mean()
     assert precision >= 0.9, precision
+
+
+def synthetic_history(seed=0):
+    """200 samples in 4 classes, 5 epochs: log-losses around -1 (clean), 20 backdoor samples of
+    class 2 near -12, and 10 easy clean samples of class 1 near -5."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(200) % 4
+    log_loss = rng.normal(-1, 0.5, size=(200, 5))
+    backdoor = np.flatnonzero(labels == 2)[:20]
+    easy = np.flatnonzero(labels == 1)[:10]
+    log_loss[backdoor] = rng.normal(-12, 0.5, size=(20, 5))
+    log_loss[easy] = rng.normal(-5, 0.5, size=(10, 5))
+    return np.exp(log_loss), labels, np.array([f"s{i:03d}" for i in range(200)]), backdoor, easy
+
+
+def test_adaptive_selection_isolates_the_separated_group_of_the_implicated_class():
+    history, labels, ids, backdoor, _ = synthetic_history()
+    chosen, report = adaptive_selection(history, labels, ids, IsolateParams())
+    assert report["rule"] == "adaptive" and report["implicated_label"] == 2
+    assert chosen.tolist() == backdoor.tolist()
+    # Without concentration the easy samples of class 1 may join; the cap bounds the share.
+    capped, _ = adaptive_selection(history, labels, ids, IsolateParams(concentrate=False, max_ratio=0.05))
+    assert len(capped) == 10 and set(capped) <= set(backdoor)
+
+
+def test_adaptive_selection_falls_back_to_the_fixed_ratio_without_a_separated_group():
+    rng = np.random.default_rng(1)
+    history = np.exp(rng.normal(-1, 0.5, size=(300, 5)))
+    labels, ids = np.arange(300) % 3, np.array([f"s{i:03d}" for i in range(300)])
+    chosen, report = adaptive_selection(history, labels, ids, IsolateParams(ratio=0.02))
+    assert report["rule"].startswith("ratio") and report["separation"] < 3.5
+    assert chosen.tolist() == select_isolated(history, ids, 0.02).tolist()
+
+
+def test_otsu_split_separates_two_clusters():
+    values = np.r_[np.full(5, -10.0), np.linspace(-2, 0, 50)]
+    threshold, separation = otsu_split(values)
+    assert threshold == -10.0 and separation > 10
+    assert otsu_split(np.zeros(10)) == (0.0, 0.0)
