@@ -98,6 +98,10 @@ class UnlearnParams(Section):
     epochs: int = Field(3, ge=0, le=1000, description="unlearning epochs (joint: passes over the clean set)")
     lr: float = Field(2e-3, gt=0, le=1, description="unlearning learning rate (ABL's plain ascent: 5e-4)")
     weight: float = Field(1.0, gt=0, le=100, description="joint: weight of the suspects' unlikelihood term")
+    stop_at: float = Field(0.05, ge=0, le=1, description="unlearning stops after the epoch where at most this share "
+                           "of the quarantined suspects is still classified as its label (0: run all epochs)")
+    suspects_per_batch: int = Field(16, ge=1, le=65536, description="joint: suspects carried by each clean batch "
+                                    "(all of them when there are fewer)")
     batch_size: int = Field(64, ge=1, le=65536, description="ascent: batch size over the quarantined set")
     holdout: float = Field(0.1, gt=0, lt=0.5, description="share of the clean set held out to watch clean accuracy")
     max_accuracy_drop: float = Field(

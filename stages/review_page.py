@@ -223,7 +223,7 @@ def render_review_page(manifest: pd.DataFrame, scores: pd.DataFrame, kept: pd.Da
     epochs = [c for c in scores.columns if c.startswith("loss_epoch_")]
     by_id = scores.set_index("id")
     kept_median = scores.loc[scores["isolated"] == 0, epochs].median().to_numpy() if len(scores) else np.zeros(0)
-    suspects = manifest.merge(scores[["id", "suspicion", *epochs]], on="id", how="left").sort_values("rank")
+    suspects = manifest.merge(scores[["id", *epochs]], on="id", how="left").sort_values("rank")
     logs = np.log10(np.r_[suspects[epochs].to_numpy().ravel(), kept_median] + 1e-6) if len(suspects) else np.zeros(1)
     lo, hi = float(np.nanmin(logs)), float(np.nanmax(logs))
     cards = "".join(card(r, sparkline(by_id.loc[r.id, epochs].to_numpy(dtype=float), kept_median, lo, hi))

@@ -112,21 +112,23 @@ def unlikelihood(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def joint_unlearn_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                         xq: torch.Tensor, yq: torch.Tensor, weight: float, batch_size: int,
-                        gen: torch.Generator) -> tuple[float, float]:
+                        gen: torch.Generator, suspects_per_batch: int) -> tuple[float, float]:
     """One pass over the clean set; every batch also carries suspects, pushed away from their label.
 
     Clean rows and suspects share one forward pass in train mode, so BatchNorm sees one distribution:
     with the suspects in eval mode and clean rows in train mode, the clean loss cannot repair what the
     ascent does to the eval-mode path, and clean accuracy collapses. A batch carries all suspects, or a
-    random batch_size of them when there are more, so a large quarantine does not slow the epoch down.
+    random `suspects_per_batch` of them when there are more: a large quarantine (adaptive isolation at
+    10% poison) would otherwise outweigh the clean rows, and the push away from the implicated label
+    would spill over onto its clean samples.
     """
     model.train()
     order = torch.randperm(len(y), generator=gen, device=y.device)
     clean_total, suspect_total = 0.0, 0.0
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        if len(yq) > batch_size:
-            pick = torch.randperm(len(yq), generator=gen, device=yq.device)[:batch_size]
+        if len(yq) > suspects_per_batch:
+            pick = torch.randperm(len(yq), generator=gen, device=yq.device)[:suspects_per_batch]
             xs, ys = xq[pick], yq[pick]
         else:
             xs, ys = xq, yq

@@ -52,7 +52,8 @@ def implicated_class(labels: np.ndarray) -> int:
 
 
 def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list, watch=None) -> dict:
-    """Unlearn the suspects (plain ABL ascent or joint), with a clean-accuracy guard and rollback.
+    """Unlearn the suspects (plain ABL ascent or joint), with a clean-accuracy guard and rollback, and
+    an early stop once at most `unlearn.stop_at` of the suspects are still classified as their label.
 
     The guard leaves out held-out samples of the implicated class: unlearning is meant to change how
     the model treats samples labelled with it (poison that escaped isolation sits there), so a drop
@@ -68,7 +69,8 @@ def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list,
     for epoch in range(up.epochs):
         previous = copy.deepcopy(model.state_dict())
         if up.mode == "joint":
-            loss, suspect_loss = joint_unlearn_epoch(model, opt, x, y, xq, yq, up.weight, params.train.batch_size, gen)
+            loss, suspect_loss = joint_unlearn_epoch(model, opt, x, y, xq, yq, up.weight, params.train.batch_size, gen,
+                                                      up.suspects_per_batch)
         else:
             # Minimising -CE is ascent on the suspects' loss (ABL eq. 5); BN keeps its running statistics.
             suspect_loss = -train_epoch(model, opt, xq, yq, lambda l: -l.mean(), up.batch_size, gen, freeze_bn=True)
@@ -76,7 +78,8 @@ def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list,
         acc = accuracy(model, x_val[guard], y_val[guard])
         curve.append({"phase": up.mode, "epoch": epoch + 1, "loss": loss, "clean_accuracy": accuracy(model, x_val, y_val),
                       **(watch(model) if watch else {})})
-        progress.epoch(epoch + 1, loss=loss, suspect_loss=suspect_loss, guard_accuracy=acc)
+        obeyed = accuracy(model, xq, yq)
+        progress.epoch(epoch + 1, loss=loss, suspect_loss=suspect_loss, guard_accuracy=acc, suspects_obeyed=obeyed)
         if baseline - acc > up.max_accuracy_drop:
             model.load_state_dict(previous)
             rolled_back = True
@@ -84,7 +87,13 @@ def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list,
                   f"rolled back epoch {epoch + 1} and stopped", file=sys.stderr)
             break
         epochs_run = epoch + 1
+        # Unlearned: the model no longer maps the suspects to their label. Going on only erodes the
+        # implicated class's clean samples, which share features with the suspects (measured on digits:
+        # test accuracy of class 0 fell from 0.99 to 0.69 over two more epochs with ASR already 0).
+        if obeyed <= up.stop_at:
+            break
     return {"unlearn_epochs_run": epochs_run, "rolled_back": rolled_back, "implicated_class": target,
+            "suspects_obeyed": round(accuracy(model, xq, yq), 4),
             "guard_accuracy_before": round(baseline, 4), "guard_accuracy_after": round(accuracy(model, x_val[guard], y_val[guard]), 4)}
 
 
