@@ -74,6 +74,8 @@ class IsolateParams(Section):
         0.01, ge=0, le=0.5, description="share of lowest-loss samples isolated (selection: ratio, plain ABL), and "
         "the fallback of selection: adaptive when the loss curves show no separate low-loss group; 0 turns the defense off"
     )
+    augment: bool = Field(False, description="random crop/flip (train.*) while isolating; off, the isolation model "
+                          "learns a fixed trigger sooner (a flip moves a corner patch), and so do easy clean samples")
     selection: Literal["ratio", "adaptive"] = Field(
         "adaptive", description="ratio: plain ABL, a fixed share; adaptive: the split of the loss curves, see "
         "stages/isolate.py:adaptive_selection"
@@ -86,6 +88,8 @@ class IsolateParams(Section):
         3.5, gt=0, le=100, description="adaptive: the low-loss group is isolated only when it lies this many pooled "
         "standard deviations (of the mean log-loss) below the rest; otherwise the fixed ratio is used"
     )
+    class_margin: float = Field(1.3, ge=1, le=100, description="adaptive: one class's own split counts when its "
+                                "separation is this many times the next clearest class's")
     max_ratio: float = Field(0.25, gt=0, le=0.5, description="adaptive: never isolate more than this share of the set")
 
 

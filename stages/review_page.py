@@ -45,6 +45,10 @@ table{border-collapse:collapse;background:#fff} td,th{padding:.15rem .6rem;borde
 .js .toolbar{display:flex} .js-only{display:none} .js .js-only{display:inline-block}
 kbd{border:1px solid #bbb;border-radius:3px;padding:0 .25rem;background:#fff;font-size:12px}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:.7rem;margin:1rem 0 3rem}
+.card[hidden]{display:none!important}
+/* Before the script runs (and without it, via <noscript>) only the first cards are laid out. */
+.grid>.card:nth-child(n+PAGE_PLUS_ONE){display:none} .js .grid>.card:nth-child(n+PAGE_PLUS_ONE){display:block}
+#more{display:none;margin:0 0 3rem} .js #more:not([hidden]){display:inline-block}
 .card{background:#fff;border:2px solid #ccc;border-radius:6px;padding:.45rem;font-size:12px;overflow-wrap:anywhere;
  content-visibility:auto;contain-intrinsic-size:170px 250px;outline:none}
 .card img{width:128px;height:128px;image-rendering:pixelated;display:block;margin:0 auto .3rem;background:#000}
@@ -71,7 +75,8 @@ SCRIPT = r"""
   let changes = {};
   try { changes = JSON.parse(localStorage.getItem(storeKey) || '{}') || {}; } catch (e) { changes = {}; }
   const undo = [];
-  let current = null;
+  const PAGE = Number(document.body.dataset.page);
+  let current = null, limit = PAGE;
 
   const decisionOf = c => changes[c.dataset.id] ?? initial.get(c.dataset.id);
   function paint(c) { const d = decisionOf(c); c.dataset.state = d; c.querySelector('.state').textContent = d; }
@@ -82,6 +87,10 @@ SCRIPT = r"""
       `${n.pending} pending, ${n.release} released, ${n.confirm} confirmed (${Object.keys(changes).length} changed here)`;
   }
   function persist() { try { localStorage.setItem(storeKey, JSON.stringify(changes)); } catch (e) { /* private mode */ } }
+  function matches(c) {
+    const cls = document.getElementById('f-class').value, dec = document.getElementById('f-decision').value;
+    return (cls === '' || c.dataset.label === cls) && (dec === '' || c.dataset.state === dec);
+  }
   function visible() { return cards.filter(c => !c.hidden); }
   function select(c) {
     if (!c) return;
@@ -100,14 +109,20 @@ SCRIPT = r"""
   }
   function columns() { return Math.max(1, getComputedStyle(grid).gridTemplateColumns.split(' ').length); }
   function move(step) {
-    const list = visible();
+    const list = cards.filter(matches);
     if (!list.length) return;
-    const at = current && !current.hidden ? list.indexOf(current) : -1;
-    select(list[Math.min(list.length - 1, Math.max(0, at < 0 ? 0 : at + step))]);
+    const at = current ? list.indexOf(current) : -1;
+    const next = Math.min(list.length - 1, Math.max(0, at < 0 ? 0 : at + step));
+    if (next >= limit) { limit = next + PAGE; applyFilters(false); }
+    select(list[next]);
   }
+  // Cards are shown PAGE at a time (5,000 suspects stay fast); moving past the end shows more.
   function applyFilters(reselect = true) {
-    const cls = document.getElementById('f-class').value, dec = document.getElementById('f-decision').value;
-    cards.forEach(c => { c.hidden = (cls !== '' && c.dataset.label !== cls) || (dec !== '' && c.dataset.state !== dec); });
+    let shown = 0, total = 0;
+    cards.forEach(c => { const ok = matches(c); total += ok; c.hidden = !ok || (shown += ok) > limit; });
+    const more = document.getElementById('more');
+    more.hidden = total <= limit;
+    more.textContent = `Show more (${Math.min(limit, total)} of ${total} shown)`;
     if (reselect && (!current || current.hidden)) select(visible()[0]);
   }
   function csvField(v) { return /[",\r\n]/.test(v) ? '"' + v.replace(/"/g, '""') + '"' : v; }
@@ -138,16 +153,18 @@ SCRIPT = r"""
   document.getElementById('f-class').addEventListener('change', () => applyFilters());
   document.getElementById('f-decision').addEventListener('change', () => applyFilters());
   document.getElementById('export').addEventListener('click', exportCsv);
+  document.getElementById('more').addEventListener('click', () => { limit += PAGE; applyFilters(false); });
   document.getElementById('reset').addEventListener('click', () => {
     changes = {}; undo.length = 0; persist(); cards.forEach(paint); tally(); applyFilters(false);
   });
-  cards.forEach(paint); tally();
+  cards.forEach(paint); tally(); applyFilters(false);
   if (cards.length) select(cards[0]);
   window.scrollTo(0, 0);
   document.body.dataset.readyMs = String(Math.round(performance.now()));
   window.reviewReady = true;
 })();
 """
+PAGE = 200  # cards laid out at a time
 SCRIPT_HASH = base64.b64encode(hashlib.sha256(SCRIPT.encode()).digest()).decode()
 # 'self' covers the PNGs beside the page and the plots two folders up, from file:// or a server.
 CSP = f"default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; script-src 'sha256-{SCRIPT_HASH}'"
@@ -164,8 +181,9 @@ def sparkline(losses: np.ndarray, kept: np.ndarray, lo: float, hi: float) -> str
         xs = np.linspace(0, 100, len(logs)) if len(logs) > 1 else np.array([50.0])
         ys = 24 - 22 * (logs - lo) / max(hi - lo, 1e-9) - 1
         return " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(xs, ys))
+    reference = f"<polyline class='kept' points='{points(kept)}'/>" if np.isfinite(kept).all() and len(kept) else ""
     return (f"<svg class='spark' viewBox='0 0 100 24' preserveAspectRatio='none' role='img' "
-            f"aria-label='loss per isolation epoch'><polyline class='kept' points='{points(kept)}'/>"
+            f"aria-label='loss per isolation epoch'>{reference}"
             f"<polyline class='suspect' points='{points(losses)}'/></svg>")
 
 
@@ -221,13 +239,14 @@ def render_review_page(manifest: pd.DataFrame, scores: pd.DataFrame, kept: pd.Da
                        class_counts: dict, class_names: list[str], params: Params, gate: Optional[dict],
                        plot_files: list[str]) -> str:
     epochs = [c for c in scores.columns if c.startswith("loss_epoch_")]
-    by_id = scores.set_index("id")
     kept_median = scores.loc[scores["isolated"] == 0, epochs].median().to_numpy() if len(scores) else np.zeros(0)
     suspects = manifest.merge(scores[["id", *epochs]], on="id", how="left").sort_values("rank")
-    logs = np.log10(np.r_[suspects[epochs].to_numpy().ravel(), kept_median] + 1e-6) if len(suspects) else np.zeros(1)
+    logs = np.log10(np.r_[suspects[epochs].to_numpy(dtype=float).ravel(), kept_median] + 1e-6) if len(suspects) \
+        else np.zeros(1)
     lo, hi = float(np.nanmin(logs)), float(np.nanmax(logs))
-    cards = "".join(card(r, sparkline(by_id.loc[r.id, epochs].to_numpy(dtype=float), kept_median, lo, hi))
-                    for r in suspects.itertuples(index=False))
+    curves = suspects[epochs].to_numpy(dtype=float)
+    cards = "".join(card(r, sparkline(curve, kept_median, lo, hi))
+                    for r, curve in zip(suspects.itertuples(index=False), curves))
     counts = {"ingested": summary["n_ingested"], "kept for training": summary["n_clean"],
               "quarantined": summary["n_quarantined"], "released": summary["n_released"],
               "confirmed": summary["n_confirmed"], "pending": len(manifest) - summary["n_released"] - summary["n_confirmed"]}
@@ -256,8 +275,9 @@ def render_review_page(manifest: pd.DataFrame, scores: pd.DataFrame, kept: pd.Da
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="{CSP}">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Quarantine review</title><style>{STYLE}</style></head>
-<body data-page-key="{page_key}">
+<title>Quarantine review</title><style>{STYLE.replace("PAGE_PLUS_ONE", str(PAGE + 1))}</style>
+<noscript><style>.grid>.card:nth-child(n+{PAGE + 1}){{display:block}}</style></noscript></head>
+<body data-page-key="{page_key}" data-page="{PAGE}">
 <header><h1>Quarantine review{verdict}</h1>
 <div class="counts">{count_boxes}</div>
 {evidence}
@@ -282,6 +302,7 @@ or with <code>python -m stages review release|confirm ID...</code>.</p></noscrip
 this browser until exported; import the file with <code>python -m stages review import decisions.csv</code>,
 then run <code>dvc repro</code>.</p>
 <div class="grid" id="grid">{cards or '<p>No samples were isolated (isolate.ratio is 0 or the data set is tiny).</p>'}</div>
+<button id="more" type="button">Show more</button>
 </main>
 <script>{SCRIPT}</script>
 </body></html>

@@ -69,7 +69,7 @@ def synthetic_history(seed=0):
 def test_adaptive_selection_isolates_the_separated_group_of_the_implicated_class():
     history, labels, ids, backdoor, _ = synthetic_history()
     chosen, report = adaptive_selection(history, labels, ids, IsolateParams())
-    assert report["rule"] == "adaptive" and report["implicated_label"] == 2
+    assert report["rule"].startswith("adaptive") and report["implicated_label"] == 2
     assert chosen.tolist() == backdoor.tolist()
     # Without concentration the easy samples of class 1 may join; the cap bounds the share.
     capped, _ = adaptive_selection(history, labels, ids, IsolateParams(concentrate=False, max_ratio=0.05))
