@@ -74,7 +74,7 @@ class IsolateParams(Section):
         0.01, ge=0, le=0.5, description="share of lowest-loss samples isolated (selection: ratio, plain ABL), and "
         "the fallback of selection: adaptive when the loss curves show no separate low-loss group; 0 turns the defense off"
     )
-    augment: bool = Field(False, description="random crop/flip (train.*) while isolating; off, the isolation model "
+    augment: bool = Field(True, description="random crop/flip (train.*) while isolating; off, the isolation model "
                           "learns a fixed trigger sooner (a flip moves a corner patch), and so do easy clean samples")
     selection: Literal["ratio", "adaptive"] = Field(
         "adaptive", description="ratio: plain ABL, a fixed share; adaptive: the split of the loss curves, see "
