@@ -41,7 +41,7 @@ def synthetic_page(folder: Path, n: int, class_names: list[str], ids: list[str] 
     rng = np.random.default_rng(seed)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     ids = ids or [f"train-{k:06d}" for k in range(n)]
-    labels = rng.integers(0, len(class_names), size=n)
+    labels = np.arange(n) % len(class_names)
     epochs = [f"loss_epoch_{e + 1}" for e in range(10)]
     losses = np.exp(rng.normal(-6, 2, size=(n, 10)))
     for k in range(n):
