@@ -37,10 +37,12 @@ def time_page(browser, page_file: Path) -> tuple[float, float]:
 
 
 def screenshot(browser, page_file: Path, out: Path) -> None:
-    page = browser.new_page(viewport={"width": 1280, "height": 1500})
+    page = browser.new_page(viewport={"width": 1280, "height": 1800})
     page.goto(page_file.resolve().as_uri())
     page.wait_for_function("window.reviewReady === true")
-    page.keyboard.press("ArrowRight")
+    for key in ("r", "c"):  # show a released and a confirmed card, then the top of the page
+        page.keyboard.press(key)
+    page.evaluate("window.scrollTo(0, 0)")
     page.wait_for_timeout(300)
     page.screenshot(path=str(out), full_page=False)
     page.close()

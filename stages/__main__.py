@@ -53,6 +53,9 @@ def review(argv: list[str]) -> int:
     except SanitizeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `review list | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

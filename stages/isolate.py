@@ -69,7 +69,8 @@ def adaptive_selection(loss_history: np.ndarray, labels: np.ndarray, ids: np.nda
        `concentrate`, only its majority label (the implicated class) is isolated: ABL observes that
        isolated samples concentrate in the backdoor's target class (a dirty-label backdoor carries the
        target label, a clean-label one lives in it), while easy clean samples of other classes stay.
-       When the implicated class alone also splits clearly in two, its own, finer split is used.
+       When the implicated class alone also splits in two (`class_separation`), its own, finer split is
+       used: a backdoor makes its target class attractive, so the class's clean samples also sit low.
     3. Otherwise, with `concentrate`, each class is split on its own: a backdoor that is only
        partly learned shows as one class whose split is clear (`min_separation`) and `class_margin`
        times clearer than any other class's. Clean classes split about equally (measured: 2.4-3.1).
@@ -95,7 +96,7 @@ def adaptive_selection(loss_history: np.ndarray, labels: np.ndarray, ids: np.nda
         chosen, rule = low, "adaptive: global split"
         if p.concentrate:
             own = dict((c, sep) for sep, _, c in per_class)[implicated]
-            chosen = class_split(implicated) if own >= p.min_separation else low[labels[low] == implicated]
+            chosen = class_split(implicated) if own >= p.class_separation else low[labels[low] == implicated]
     elif p.concentrate and class_is_clear:
         implicated, chosen, rule = best_class, class_split(best_class), "adaptive: class split"
     else:

@@ -112,7 +112,8 @@ def unlikelihood(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def joint_unlearn_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                         xq: torch.Tensor, yq: torch.Tensor, weight: float, batch_size: int,
-                        gen: torch.Generator, suspects_per_batch: int) -> tuple[float, float]:
+                        gen: torch.Generator, suspects_per_batch: int,
+                        anchors: torch.Tensor | None = None) -> tuple[float, float]:
     """One pass over the clean set; every batch also carries suspects, pushed away from their label.
 
     Clean rows and suspects share one forward pass in train mode, so BatchNorm sees one distribution:
@@ -120,7 +121,10 @@ def joint_unlearn_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.T
     ascent does to the eval-mode path, and clean accuracy collapses. A batch carries all suspects, or a
     random `suspects_per_batch` of them when there are more: a large quarantine (adaptive isolation at
     10% poison) would otherwise outweigh the clean rows, and the push away from the implicated label
-    would spill over onto its clean samples.
+    would spill over onto its clean samples. `anchors` (indices into x of clean samples with the
+    suspects' label) adds as many of them as suspects to each batch, with cross-entropy: the push away
+    from the label must separate the suspects from that class's clean samples, not erase the class
+    (measured on digits without anchors: class 0 test accuracy 1.0 -> 0.0 in one epoch).
     """
     model.train()
     order = torch.randperm(len(y), generator=gen, device=y.device)
@@ -132,6 +136,9 @@ def joint_unlearn_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.T
             xs, ys = xq[pick], yq[pick]
         else:
             xs, ys = xq, yq
+        if anchors is not None and len(anchors):
+            pick = torch.randint(0, len(anchors), (len(ys),), generator=gen, device=anchors.device)
+            idx = torch.cat([idx, anchors[pick]])
         logits = model(torch.cat([x[idx], xs]))
         clean_loss = F.cross_entropy(logits[:len(idx)], y[idx])
         suspect_loss = unlikelihood(logits[len(idx):], ys).mean()

@@ -63,6 +63,7 @@ def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list,
     target = implicated_class(yq.cpu().numpy())
     guard = y_val != target
     baseline = accuracy(model, x_val[guard], y_val[guard])
+    anchors = torch.nonzero(y == target).flatten() if up.anchor else None
     opt = torch.optim.SGD(model.parameters(), lr=up.lr, momentum=params.train.momentum)
     progress = Progress(f"unlearn:{up.mode}", up.epochs, len(y) if up.mode == "joint" else len(yq))
     epochs_run, rolled_back = 0, False
@@ -70,7 +71,7 @@ def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list,
         previous = copy.deepcopy(model.state_dict())
         if up.mode == "joint":
             loss, suspect_loss = joint_unlearn_epoch(model, opt, x, y, xq, yq, up.weight, params.train.batch_size, gen,
-                                                      up.suspects_per_batch)
+                                                      up.suspects_per_batch, anchors)
         else:
             # Minimising -CE is ascent on the suspects' loss (ABL eq. 5); BN keeps its running statistics.
             suspect_loss = -train_epoch(model, opt, xq, yq, lambda l: -l.mean(), up.batch_size, gen, freeze_bn=True)
