@@ -210,7 +210,8 @@ def main(argv=None) -> int:
     ap.add_argument("--defenses", default=None, help=f"from {', '.join(DEFENSES)} (default: {DEFAULT_DEFENSES})")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                     help="worker processes (each uses cores/jobs torch threads)")
-    ap.add_argument("--out", type=Path, default=None, help="results folder (default bench/results, quick: bench/results/quick)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results folder (default bench/results, with --quick bench/results/quick)")
     args = ap.parse_args(argv)
     if args.quick:
         args.datasets, args.attacks, args.rates = "digits", "badnets,sig", "0.1"

@@ -128,7 +128,10 @@ SCRIPT = r"""
   function csvField(v) { return /[",\r\n]/.test(v) ? '"' + v.replace(/"/g, '""') + '"' : v; }
   function exportCsv() {
     const lines = ['id,decision,note'];
-    cards.forEach(c => { const d = decisionOf(c); if (d !== 'pending') lines.push([c.dataset.id, d, c.dataset.note].map(csvField).join(',')); });
+    cards.forEach(c => {
+      const d = decisionOf(c);
+      if (d !== 'pending') lines.push([c.dataset.id, d, c.dataset.note].map(csvField).join(','));
+    });
     const a = document.createElement('a');
     a.href = URL.createObjectURL(new Blob([lines.join('\n') + '\n'], {type: 'text/csv'}));
     a.download = 'decisions.csv';
@@ -270,6 +273,7 @@ def render_review_page(manifest: pd.DataFrame, scores: pd.DataFrame, kept: pd.Da
                             for label in sorted(manifest["label"].unique()))
     page_key = hashlib.sha256("\n".join(f"{i},{d}" for i, d in zip(manifest["id"], manifest["decision"]))
                               .encode()).hexdigest()[:16]
+    classes = class_table(manifest, class_counts, class_names) if len(manifest) else ""
     verdict = "" if gate is None else (" &mdash; release allowed" if gate["passed"] else " &mdash; release blocked")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -283,7 +287,7 @@ def render_review_page(manifest: pd.DataFrame, scores: pd.DataFrame, kept: pd.Da
 {evidence}
 <p class="muted">Produced with {_e(params_line(params))}.</p></header>
 <section><h2>Gate</h2>{gate_section(gate)}</section>
-<section><h2>Classes among the suspects</h2>{class_table(manifest, class_counts, class_names) if len(manifest) else ''}</section>
+<section><h2>Classes among the suspects</h2>{classes}</section>
 <section class="plots"><h2>Plots</h2>{plots or '<p class="muted">No plots yet.</p>'}</section>
 <section><h2>Typical kept samples of the suspects' classes</h2>{strips or '<p class="muted">None.</p>'}</section>
 <div class="toolbar" role="toolbar">

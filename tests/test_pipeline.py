@@ -55,3 +55,17 @@ def test_without_defense_the_backdoor_survives_and_the_gate_blocks(pipeline, tmp
     assert gate["passed"] is False
     assert gate["asr"]["badnets"] >= 0.9
     assert "Running stage 'ingest'" not in result.stdout  # only what the change affects re-ran
+
+
+def test_static_plots_and_review_page_are_written(pipeline):
+    from PIL import Image
+
+    for name in ("isolate_loss_distribution", "isolate_loss_curves", "unlearn"):
+        with Image.open(pipeline / f"plots/{name}.png") as image:
+            assert image.format == "PNG" and image.size[0] > 300
+    header = ["step", "phase", "epoch", "loss", "clean_accuracy", "asr"]
+    lines = (pipeline / "plots/unlearn.csv").read_text().splitlines()
+    assert lines[0].split(",") == header
+    assert float(lines[-1].split(",")[-1]) <= 0.05  # ASR after unlearning, from the red team's test images
+    page = (pipeline / "data/quarantine/index.html").read_text(encoding="utf-8")
+    assert "release allowed" in page and "Content-Security-Policy" in page

@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import pandas as pd
 import pytest
 
+from bench.browser import synthetic_page
+
 from stages import quarantine
 from stages.config import load_params
-from stages.data import load_store, make_store
+from stages.data import load_store
 from stages.errors import SanitizeError
-from stages.review_page import render_review_page
 
 
 @pytest.fixture
 def isolated_project(pipeline, project):
-    for sub in ("data/ingested", "data/isolate"):
+    for sub in ("data/ingested", "data/isolate", "plots"):
         shutil.copytree(pipeline / sub, project / sub)
+    (project / "metrics").mkdir()
+    shutil.copy2(pipeline / "metrics/ingest.json", project / "metrics/ingest.json")
     return project
 
 
@@ -69,19 +71,11 @@ def test_bad_decisions_are_refused_and_nothing_is_written(isolated_project, rows
     assert not (isolated_project / "data/clean").exists()
 
 
-def test_review_page_escapes_text_from_the_data():
+def test_review_page_escapes_text_from_the_data(tmp_path):
     hostile = "<script>alert(1)</script>"
-    store = make_store(np.zeros((2, 8, 8, 1), np.uint8), [0, 1], ['a"b', "c"], [hostile, "ok"])
-    manifest = pd.DataFrame([{"id": 'a"b<img src=x onerror=alert(2)>', "label": 0, "class_name": hostile, "rank": 1,
-                              "final_loss": 0.0, "decision": "pending", "quarantined": 1, "note": "<b>n</b>",
-                              "sha256": "0", "image": "images/00000.png"}])
-    page = render_review_page(manifest, store, {"n_ingested": 2}, load_params_default())
-    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    assert "<img src=x" not in page and "<b>n</b>" not in page
-    assert "Content-Security-Policy" in page
-
-
-def load_params_default():
-    from stages.config import Params
-
-    return Params()
+    page = synthetic_page(tmp_path, 2, [hostile, "ok"], ids=['a"b<img src=x onerror=alert(2)>', "c"])
+    html = page.read_text(encoding="utf-8")
+    assert html.count("<script>") == 1  # the page's own, allowed by its hash in the CSP
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<img src=x" not in html and "a&quot;b&lt;img" in html
+    assert "Content-Security-Policy" in html and "script-src 'sha256-" in html
