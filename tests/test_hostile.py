@@ -45,8 +45,9 @@ def valid_arrays(rng: np.random.Generator, n: int = 12) -> dict:
 
 def mutate(arrays: dict, op: str, key: str, rng: np.random.Generator, value: int) -> dict:
     a = dict(arrays)
-    if op in ("nan", "range", "shorten", "dtype", "reshape") and (a[key].size == 0 or a[key].dtype.kind == "U"):
-        return a  # nothing numeric left to mutate
+    if op in ("nan", "range", "shorten", "dtype", "reshape") and (
+            a[key].size == 0 or a[key].ndim == 0 or a[key].dtype.kind == "U"):
+        return a  # nothing numeric (or nothing to shorten) left to mutate
     if op == "drop":
         a.pop(key)
     elif op == "dtype":
