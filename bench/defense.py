@@ -34,6 +34,7 @@ import torch
 from stages.config import Params
 from stages.data import Store, make_store
 from stages.fileio import write_json, write_text
+from stages.gate import attack_success_rate, clean_accuracy
 from stages.isolate import choose, train_lga
 from stages.models import build_model, model_spec
 from stages.sources import read_source
@@ -95,15 +96,16 @@ def load_case(dataset: str, attack: str, rate: float):
 
 
 def evaluate(model, params: Params, x_test: np.ndarray, y_test: np.ndarray, device) -> tuple[float, float]:
-    """(clean accuracy, ASR) of a torch model: ASR on triggered test images whose label is not the target."""
+    """(clean accuracy, ASR) of a torch model, by the gate's own definitions."""
     from stages.triggers import apply_trigger
 
     rt = params.redteam
-    pred = predict_logits(model, to_tensor(x_test, device)).argmax(1).cpu().numpy()
-    keep = y_test != rt.target
-    triggered = apply_trigger(x_test[keep], rt.attack, rt)
-    pred_t = predict_logits(model, to_tensor(triggered, device)).argmax(1).cpu().numpy()
-    return float(np.mean(pred == y_test)), float(np.mean(pred_t == rt.target))
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        return predict_logits(model, to_tensor(images, device)).argmax(1).cpu().numpy()
+
+    return (clean_accuracy(predict, x_test, y_test),
+            attack_success_rate(predict, x_test, y_test, lambda x: apply_trigger(x, rt.attack, rt), rt.target))
 
 
 def train_standard(params: Params, store: Store, device) -> torch.nn.Module:

@@ -187,7 +187,7 @@ def run(params: Params) -> None:
     if rule["rule"].startswith("adaptive"):
         log10_score, score_name = score / np.log(10), "loss, geometric mean over the isolation epochs"
     else:
-        log10_score, score_name = np.log10(history[:, -1].astype(np.float64) + LOG_FLOOR), "loss at the last epoch"
+        log10_score, score_name = np.log10(score.astype(np.float64) + LOG_FLOOR), "loss at the last epoch"
     isolation_plots(history, log10_score, score_name, isolated, paths.PLOTS)
     metrics = isolation_metrics(store, isolated)
     write_json(paths.metrics_file("isolate"), {"device": device.type, "selection": rule, **metrics})

@@ -39,11 +39,11 @@ def save(manifest: pd.DataFrame, decisions: dict[str, tuple[str, str]]) -> None:
     write_csv(paths.DECISIONS_CSV, DECISION_COLUMNS, rows)
 
 
-def check_ids(ids: list[str], manifest: pd.DataFrame) -> None:
-    unknown = [i for i in ids if i not in set(manifest["id"])]
+def check_ids(ids: list[str], suspects: set[str]) -> None:
+    unknown = [i for i in ids if i not in suspects]
     if unknown:
         shown = ", ".join(repr(i) for i in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-        raise SanitizeError(f"{shown}: not among the {len(manifest)} quarantined suspects; "
+        raise SanitizeError(f"{shown}: not among the {len(suspects)} quarantined suspects; "
                             f"see `python -m stages review list` ({paths.DECISIONS_CSV} unchanged)")
 
 
@@ -113,7 +113,7 @@ def main(argv: list[str]) -> int:
         print(f"imported {len(imported)} decision(s) from {args.file} ({changed} changed) into "
               f"{paths.DECISIONS_CSV}; {APPLY_HINT}")
     else:
-        check_ids(args.ids, manifest)
+        check_ids(args.ids, suspects)
         for sample_id in args.ids:
             if args.action == "reset":
                 decisions.pop(sample_id, None)

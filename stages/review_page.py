@@ -96,7 +96,6 @@ SCRIPT = r"""
     const cls = document.getElementById('f-class').value, dec = document.getElementById('f-decision').value;
     return (cls === '' || c.dataset.label === cls) && (dec === '' || c.dataset.state === dec);
   }
-  function visible() { return cards.filter(c => inGrid.has(c)); }
   function select(c) {
     if (!c) return;
     if (current) current.classList.remove('current');
@@ -250,10 +249,9 @@ def render_review_page(manifest: pd.DataFrame, scores: pd.DataFrame, kept: pd.Da
     epochs = [c for c in scores.columns if c.startswith("loss_epoch_")]
     kept_median = scores.loc[scores["isolated"] == 0, epochs].median().to_numpy() if len(scores) else np.zeros(0)
     suspects = manifest.merge(scores[["id", *epochs]], on="id", how="left").sort_values("rank")
-    logs = np.log10(np.r_[suspects[epochs].to_numpy(dtype=float).ravel(), kept_median] + 1e-6) if len(suspects) \
-        else np.zeros(1)
-    lo, hi = float(np.nanmin(logs)), float(np.nanmax(logs))
     curves = suspects[epochs].to_numpy(dtype=float)
+    logs = np.log10(np.r_[curves.ravel(), kept_median] + 1e-6) if len(suspects) else np.zeros(1)
+    lo, hi = float(np.nanmin(logs)), float(np.nanmax(logs))
     rendered = [card(r, sparkline(curve, kept_median, lo, hi))
                 for r, curve in zip(suspects.itertuples(index=False), curves)]
     cards = "".join(rendered[:PAGE])
