@@ -31,6 +31,10 @@ class DataParams(Section):
     )
     path: Optional[str] = Field(None, description="file or directory of the source; unused for digits")
     test_size: float = Field(0.2, gt=0, lt=1, description="test share of digits (the other sources bring their own split)")
+    calibration_size: float = Field(
+        0.2, gt=0, lt=1, description="share of the test split (per class) held out to calibrate the guard's "
+        "threshold: data no stage trains on, which the gate does not score"
+    )
     classes: Optional[list[str]] = Field(
         None, min_length=2, description="class names by label; default: from the source, else '0'..'K-1'"
     )
@@ -88,14 +92,46 @@ class IsolateParams(Section):
         3.5, gt=0, le=100, description="adaptive: the low-loss group is isolated only when it lies this many pooled "
         "standard deviations (of the mean log-loss) below the rest; otherwise the fixed ratio is used"
     )
-    class_separation: float = Field(
-        3.5, gt=0, le=100, description="adaptive: within the implicated class, its own split replaces the global "
-        "one when its two groups lie this many pooled standard deviations apart (lower, it cuts a clean-label "
-        "poison that fills nearly the whole class in two: measured 2.9 for SIG at 10% on CIFAR-10)"
-    )
     class_margin: float = Field(1.3, ge=1, le=100, description="adaptive: one class's own split counts when its "
                                 "separation is this many times the next clearest class's")
     max_ratio: float = Field(0.25, gt=0, le=0.5, description="adaptive: never isolate more than this share of the set")
+
+
+TrainingDetector = Literal["strip", "mahalanobis", "spectral", "knn_density"]
+GuardDetector = Literal["knn@isolation", "knn@released", "mahalanobis@isolation", "mahalanobis@released"]
+
+
+class DetectParams(Section):
+    """Malicious-example detectors (stages/detectors.py): evidence for isolation and the inference guard."""
+    training: list[TrainingDetector] = Field(
+        ["strip", "mahalanobis", "knn_density"], description="detectors scored on the training set with the "
+        "isolation model, written to scores.csv and shown on the review page: strip (model sensitivity), "
+        "mahalanobis (activation space), spectral and knn_density (feature space)"
+    )
+    fusion: list[TrainingDetector] = Field(
+        ["strip", "knn_density"], description="detectors fused with the ABL loss to rank samples (the mean of "
+        "robust z-scores, stages/isolate.py:fused_suspicion); empty: plain ABL, the loss alone"
+    )
+    strip_blends: int = Field(4, ge=1, le=64, description="strip: clean images superimposed on each input")
+    strip_alpha: float = Field(0.5, gt=0, lt=1, description="strip: weight of the superimposed clean image")
+    density_k: int = Field(20, ge=1, le=1000, description="knn_density: neighbour whose distance (within the "
+                           "label) is the score")
+    guard: list[GuardDetector] = Field(
+        ["knn@isolation", "mahalanobis@released"], min_length=1, description="detectors of the inference guard "
+        "(models/guard.onnx), each on the isolation checkpoint (which learned the trigger on purpose) or on the "
+        "released model; the guard's score is the largest of their calibrated z-scores"
+    )
+    guard_fpr: float = Field(0.05, gt=0, lt=1, description="false-positive rate the guard's threshold is "
+                             "calibrated to, on the clean calibration split")
+    knn_k: int = Field(10, ge=1, le=1000, description="guard knn: neighbour whose distance is the score")
+    knn_bank: int = Field(2000, ge=10, le=100000, description="guard knn: clean training features kept in the guard")
+
+    @model_validator(mode="after")
+    def _fusion_is_scored(self) -> "DetectParams":
+        missing = [d for d in self.fusion if d not in self.training]
+        if missing:
+            raise ValueError(f"detect.fusion lists {missing}, which detect.training does not score; add them there")
+        return self
 
 
 class UnlearnParams(Section):
@@ -127,6 +163,10 @@ class ExportParams(Section):
 
 class GateParams(Section):
     max_asr: float = Field(0.05, ge=0, le=1, description="release blocked when any attack success rate is higher")
+    min_guard_tpr: Optional[float] = Field(
+        None, ge=0, le=1, description="release blocked when the guard flags fewer of the red team's triggered "
+        "test images; null: reported, not checked"
+    )
     min_clean_accuracy: float = Field(0.9, ge=0, le=1, description="release blocked when clean accuracy is lower")
 
 
@@ -138,6 +178,7 @@ class Params(Section):
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     isolate: IsolateParams = IsolateParams()
+    detect: DetectParams = DetectParams()
     unlearn: UnlearnParams = UnlearnParams()
     export: ExportParams = ExportParams()
     gate: GateParams = GateParams()

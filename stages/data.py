@@ -47,6 +47,15 @@ def make_store(x: np.ndarray, labels: np.ndarray, ids, class_names) -> Store:
     return Store(x, np.asarray(labels, dtype=np.int64), np.asarray(ids, dtype=str), sample_hashes(x), tuple(class_names))
 
 
+def calibration_split(labels: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(test, calibration) indices: `share` of each class, drawn with the seed, goes to calibration."""
+    rng = np.random.default_rng([seed, 0xCA1])
+    calibration = [rng.permutation(np.flatnonzero(labels == c))[:int(round(share * np.sum(labels == c)))]
+                   for c in np.unique(labels)]
+    calibration = np.sort(np.concatenate(calibration)) if calibration else np.empty(0, dtype=np.int64)
+    return np.setdiff1d(np.arange(len(labels)), calibration), calibration
+
+
 def store_hash(store: Store) -> str:
     """One hash for a whole store: ids, labels and per-sample hashes, in order."""
     h = hashlib.sha256()

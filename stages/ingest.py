@@ -13,7 +13,7 @@ import pandas as pd
 
 from stages import paths
 from stages.config import Params
-from stages.data import Store, make_store, save_store, store_hash
+from stages.data import Store, calibration_split, make_store, save_store, store_hash
 from stages.errors import SanitizeError
 from stages.fileio import atomic_dir, write_csv, write_json
 from stages.sources import Source, read_source
@@ -148,10 +148,15 @@ def run(params: Params) -> None:
                       for i, role in sorted(roles.items())]
         train = make_store(x, labels, train.ids, class_names)
     table = pd.concat([sample_table(train, "train"), sample_table(test, "test")], ignore_index=True)
+    # Validated as one test split, then split: the guard is calibrated on data no stage trains on and
+    # the gate does not score.
+    kept, held = calibration_split(test.labels, params.data.calibration_size, params.seed)
+    test, calibration = test.subset(kept), test.subset(held)
 
     with atomic_dir(paths.INGESTED) as out:
         save_store(out / paths.TRAIN_STORE.name, train)
         save_store(out / paths.TEST_STORE.name, test)
+        save_store(out / paths.CALIBRATION_STORE.name, calibration)
         table.to_csv(out / paths.SAMPLES_CSV.name, index=False)
         if rt.attack:
             save_store(out / paths.REDTEAM_TEST.name, redteam_test_set(test, params))
@@ -159,12 +164,12 @@ def run(params: Params) -> None:
                   truth_rows)
     counts = Counter(train.labels.tolist())
     write_json(paths.metrics_file("ingest"), {
-        "n_train": len(train), "n_test": len(test), "n_classes": len(class_names),
+        "n_train": len(train), "n_test": len(test), "n_calibration": len(calibration), "n_classes": len(class_names),
         "image_shape": list(train.image_shape), "data_hash": store_hash(train),
         "train_class_counts": {class_names[k]: counts[k] for k in sorted(counts)},
         "validation": validation, "notes": notes,
         "redteam_poisoned": sum(1 for row in truth_rows if row[-1] == "backdoor"),
         "redteam_noise_mode": sum(1 for row in truth_rows if row[-1] == "noise"),
     })
-    print(f"[ingest] {len(train)} train / {len(test)} test samples, {len(class_names)} classes, "
+    print(f"[ingest] {len(train)} train / {len(test)} test / {len(calibration)} calibration samples, {len(class_names)} classes, "
           f"{len(truth_rows)} modified by the red team ({rt.attack})", file=sys.stderr)

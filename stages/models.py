@@ -40,6 +40,18 @@ class SmallCNN(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.features((x - self.mean) / self.std)
 
+    def activations(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """In one pass: the spatially averaged output of each conv stage (before its pooling), [N, w],
+        [N, 2w], [N, 4w], and last the penultimate feature (`embed`). The detectors read these."""
+        out, x, convs = [], (x - self.mean) / self.std, 0
+        for layer in self.features:
+            x = layer(x)
+            if isinstance(layer, nn.Sequential):  # a conv block; a stage is two
+                convs += 1
+                if convs % 2 == 0:
+                    out.append(x.mean(dim=(2, 3)))
+        return [*out, x]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(x))
 

@@ -6,6 +6,7 @@ INGESTED = Path("data/ingested")
 TRAIN_STORE = INGESTED / "train.npz"
 TEST_STORE = INGESTED / "test.npz"
 SAMPLES_CSV = INGESTED / "samples.csv"
+CALIBRATION_STORE = INGESTED / "calibration.npz"  # clean, held out of the test split: the guard's threshold
 REDTEAM_TRUTH = INGESTED / "redteam_truth.csv"  # read by metrics only, never by a defense
 REDTEAM_TEST = INGESTED / "redteam_test.npz"  # triggered non-target test images labelled as the target: metrics only
 
@@ -26,6 +27,7 @@ DECISIONS_CSV = Path("review/decisions.csv")
 
 MODEL = Path("models/model.pt")
 ONNX_MODEL = Path("models/model.onnx")
+GUARD_ONNX = Path("models/guard.onnx")
 
 METRICS = Path("metrics")
 PLOTS = Path("plots")

@@ -32,24 +32,24 @@ def _save(plt, fig, path: Path) -> None:
     plt.close(fig)
 
 
-def isolation_plots(history: np.ndarray, log10_score: np.ndarray, score_name: str, isolated: np.ndarray,
-                    out_dir: Path) -> list[Path]:
-    """Distribution of the loss score the isolation ranked by (log10), isolated vs kept, with the cut;
-    and the mean loss of both groups per epoch (the ABL signature: poison is learned first)."""
-    is_isolated = np.zeros(len(log10_score), dtype=bool)
+def isolation_plots(history: np.ndarray, score: np.ndarray, xlabel: str, isolated: np.ndarray, out_dir: Path,
+                    describe_cut=lambda v: f"cut: {v:.3g}") -> list[Path]:
+    """Distribution of the score the isolation ranked by (low = suspicious), isolated vs kept, with the
+    cut; and the mean loss of both groups per epoch (the ABL signature: poison is learned first)."""
+    is_isolated = np.zeros(len(score), dtype=bool)
     is_isolated[isolated] = True
     paths = [out_dir / "isolate_loss_distribution.png", out_dir / "isolate_loss_curves.png"]
 
     plt, fig, ax = _figure()
-    final = log10_score
+    final = score
     bins = np.linspace(final.min(), final.max() + 1e-9, 60)
     ax.hist(final[~is_isolated], bins=bins, color=KEPT_COLOR, alpha=0.7, label=f"kept ({(~is_isolated).sum()})")
     if is_isolated.any():
         ax.hist(final[is_isolated], bins=bins, color=ISOLATED_COLOR, alpha=0.8, label=f"isolated ({is_isolated.sum()})")
         cut = final[is_isolated].max()
-        ax.axvline(cut, color="black", linestyle="--", linewidth=1, label=f"cut: loss {10 ** cut:.2g}")
+        ax.axvline(cut, color="black", linestyle="--", linewidth=1, label=describe_cut(cut))
     ax.set_yscale("log")
-    ax.set_xlabel(f"log10 {score_name}")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("samples")
     ax.set_title(f"Isolation after {history.shape[1]} LGA epochs")
     ax.legend(fontsize=8)

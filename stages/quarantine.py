@@ -18,7 +18,7 @@ from stages.data import Store, load_store, save_store
 from stages.config import Params
 from stages.errors import SanitizeError
 from stages.fileio import atomic_dir, write_json
-from stages.review_page import write_review_page
+from stages.review_page import DETECTOR_COLUMNS, write_review_page
 
 DECISIONS = ("release", "confirm")
 DECISION_COLUMNS = ["id", "decision", "note"]
@@ -88,7 +88,9 @@ def run(params: Params) -> None:
 
     scores = pd.read_csv(paths.SCORES_CSV, dtype={"id": str}, keep_default_na=False)
     typical = typical_kept(scores, set(isolated["id"]), set(isolated["label"]))
-    suspicion = dict(zip(scores["id"], scores["suspicion"]))
+    detectors = [c for c in DETECTOR_COLUMNS if c in scores.columns]
+    evidence = scores.set_index("id")[["suspicion", *detectors]].to_dict("index")
+    columns = MANIFEST_COLUMNS[:6] + detectors + MANIFEST_COLUMNS[6:]
     rows = []
     with atomic_dir(paths.QUARANTINE) as out:
         (out / "images").mkdir()
@@ -98,10 +100,10 @@ def run(params: Params) -> None:
             write_png(out / image, store.x[i])
             decision, note = decisions.get(r.id, ("pending", ""))
             rows.append({"id": r.id, "label": int(store.labels[i]), "class_name": store.class_names[store.labels[i]],
-                         "rank": int(r.rank), "final_loss": float(r.final_loss), "suspicion": suspicion[r.id],
+                         "rank": int(r.rank), "final_loss": float(r.final_loss), **evidence[r.id],
                          "decision": decision, "quarantined": int(decision != "release"), "note": note,
                          "sha256": store.sha256[i], "image": image})
-        manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+        manifest = pd.DataFrame(rows, columns=columns)
         manifest.to_csv(out / paths.QUARANTINE_CSV.name, index=False)
         kept_rows = []
         for k, (sample_id, label) in enumerate(typical):

@@ -195,6 +195,17 @@ def sparkline(losses: np.ndarray, kept: np.ndarray, lo: float, hi: float) -> str
             f"<polyline class='suspect' points='{points(losses)}'/></svg>")
 
 
+DETECTOR_COLUMNS = ["strip", "mahalanobis", "spectral", "knn_density", "fused"]  # those isolate scored go in the manifest
+
+
+def detector_line(row) -> str:
+    """The detectors' scores (stages/detectors.py, higher = more suspicious) that isolate wrote."""
+    shown = [(name, getattr(row, name)) for name in DETECTOR_COLUMNS if pd.notna(getattr(row, name, None))]
+    if not shown:
+        return ""
+    return "<div class='detectors'>" + " &middot; ".join(f"{name} {float(v):.2f}" for name, v in shown) + "</div>"
+
+
 def card(row, spark: str) -> str:
     note = f"<div>note: {_e(row.note)}</div>" if row.note else ""
     return (f"<article class='card' tabindex='-1' data-id='{_e(row.id)}' data-label='{int(row.label)}' "
@@ -203,7 +214,7 @@ def card(row, spark: str) -> str:
             f"<div><b>#{int(row.rank)}</b> <span class='id'>{_e(row.id)}</span></div>"
             f"<div>label {int(row.label)} ({_e(row.class_name)})</div>"
             f"<div>final loss {float(row.final_loss):.3g} &middot; suspicion {float(row.suspicion):.2f}</div>"
-            f"{spark}{note}<div class='state'>{_e(row.decision)}</div>"
+            f"{detector_line(row)}{spark}{note}<div class='state'>{_e(row.decision)}</div>"
             "<div class='js-only'><button type='button' data-decide='release'>release</button>"
             "<button type='button' data-decide='confirm'>confirm</button></div></article>")
 

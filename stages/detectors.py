@@ -1,0 +1,179 @@
+"""Malicious-example detectors: one suspicion score per image, higher = more suspicious.
+
+Jin et al. ("A Unified Framework for Analyzing and Detecting Malicious Examples of DNN Models") show
+that backdoor inputs, like adversarial examples, stand out inside the model in three ways; one
+detector of each family here, each a pure function of a model, a batch of images (float32 [N, C, H, W]
+in [0, 1], on the model's device) and, where needed, statistics fitted on data:
+
+- model sensitivity: `strip` (Gao et al. 2019, STRIP): a trigger survives superimposition with clean
+  images and keeps the prediction, so a triggered input's blends have low prediction entropy;
+- activation space: `mahalanobis` (Lee et al. 2018): distance of each conv stage's pooled activations
+  to the nearest class under a class-conditional Gaussian with one shared covariance;
+- feature space: `spectral` (Tran et al. 2018, spectral signatures): within a class, poisoned samples
+  lie along the top singular direction of the centred penultimate features; and `knn` (Sun et al. 2022):
+  distance of the normalised penultimate feature to its k-th nearest clean neighbour.
+
+Used twice: on the training set by isolate (fused isolation, extra evidence) and, through stages/guard.py,
+on inputs of the released model at inference time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+BATCH = 1024
+
+
+def in_batches(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int = BATCH) -> torch.Tensor:
+    return torch.cat([fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+@torch.no_grad()
+def features(model, x: torch.Tensor) -> list[torch.Tensor]:
+    """Every stage's pooled activations and, last, the penultimate feature, for a whole set (eval mode)."""
+    model.eval()
+    chunks = [model.activations(x[i:i + BATCH]) for i in range(0, len(x), BATCH)]
+    return [torch.cat(parts) for parts in zip(*chunks)]
+
+
+@torch.no_grad()
+def strip(model, x: torch.Tensor, bank: torch.Tensor, n_blends: int = 8, alpha: float = 0.5,
+          seed: int = 0) -> torch.Tensor:
+    """STRIP (Gao et al., ACSAC 2019): minus the mean prediction entropy of `n_blends` superimpositions
+    (1 - alpha) * x + alpha * clean image. Clean inputs blended with other classes lose their class
+    (high entropy); a trigger keeps pulling to the target (low entropy)."""
+    model.eval()
+    gen = torch.Generator(device=bank.device).manual_seed(seed)
+    picks = torch.randint(0, len(bank), (n_blends,), generator=gen, device=bank.device)
+
+    def score(xb: torch.Tensor) -> torch.Tensor:
+        entropy = torch.zeros(len(xb), device=xb.device)
+        for j in picks:
+            p = F.softmax(model((1 - alpha) * xb + alpha * bank[j]), dim=1)
+            entropy -= (p * torch.log(p.clamp_min(1e-12))).sum(1)
+        return entropy / n_blends
+
+    return -in_batches(score, x)
+
+
+@dataclass(frozen=True)
+class Gaussians:
+    """Class-conditional Gaussians with one shared covariance, per conv stage (Lee et al. 2018)."""
+    means: list[torch.Tensor]  # per stage [K, D]
+    precisions: list[torch.Tensor]  # per stage [D, D]
+    scales: list[torch.Tensor]  # per stage: median distance on the fit data, to put the stages on one scale
+
+
+def fit_gaussians(stage_acts: list[torch.Tensor], labels: torch.Tensor, n_classes: int) -> Gaussians:
+    means, precisions, scales = [], [], []
+    for a in stage_acts:
+        a = a.double()
+        mu = torch.stack([a[labels == c].mean(0) if (labels == c).any() else a.mean(0) for c in range(n_classes)])
+        centred = a - mu[labels]
+        cov = centred.T @ centred / len(a)
+        # Shrinkage keeps the precision finite when a stage has dead (constant) channels.
+        cov += 1e-3 * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype, device=cov.device)
+        prec = torch.linalg.inv(cov)
+        means.append(mu.float())
+        precisions.append(prec.float())
+        scales.append(_min_distance(a.float(), mu.float(), prec.float()).median())
+    return Gaussians(means, precisions, scales)
+
+
+def _min_distance(a: torch.Tensor, mu: torch.Tensor, prec: torch.Tensor) -> torch.Tensor:
+    """Squared Mahalanobis distance to the nearest class mean, [N]: d = a'Pa - 2 a'P mu + mu'P mu."""
+    ap = a @ prec
+    d = (ap * a).sum(1, keepdim=True) - 2 * ap @ mu.T + ((mu @ prec) * mu).sum(1)[None, :]
+    return d.min(1).values.clamp_min(0)
+
+
+def mahalanobis(stage_acts: list[torch.Tensor], g: Gaussians) -> torch.Tensor:
+    """Lee et al. (NeurIPS 2018): per stage, the distance to the nearest class, divided by its median on
+    the fit data; the stages are summed, so a perturbation that shows early (adversarial noise) or late
+    (a learned trigger) both count."""
+    return sum(_min_distance(a, mu, p) / s for a, mu, p, s in zip(stage_acts, g.means, g.precisions, g.scales))
+
+
+def spectral(feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Spectral signatures (Tran et al., NeurIPS 2018): within each label, the squared projection of the
+    centred penultimate feature on the top right singular vector, divided by its class median. A
+    backdoor's samples share one feature the clean samples of their label lack, and that direction
+    dominates the class's covariance."""
+    out = torch.zeros(len(feats), device=feats.device)
+    for c in labels.unique():
+        rows = labels == c
+        centred = feats[rows].double() - feats[rows].double().mean(0)
+        if len(centred) < 2:
+            continue
+        top = torch.linalg.svd(centred, full_matrices=False).Vh[0]
+        proj = (centred @ top) ** 2
+        out[rows] = (proj / proj.median().clamp_min(1e-12)).float()
+    return out
+
+
+def kth_distance(feats: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+    """Distance from each L2-normalised feature to its k-th nearest row of `bank` (rows unit length);
+    a matmul and a top-k, so it runs in any batch and exports to ONNX."""
+    f = F.normalize(feats, dim=1)
+    squared = (2 - 2 * f @ bank.T).clamp_min(0)
+    return squared.topk(k, dim=1, largest=False).values[:, -1].sqrt()
+
+
+def knn(feats: torch.Tensor, bank_feats: torch.Tensor, k: int = 10) -> torch.Tensor:
+    """Deep nearest neighbours (Sun et al., ICML 2022): distance from the normalised penultimate feature
+    to its k-th nearest neighbour in a bank of clean features; far from every clean sample = suspicious."""
+    bank = F.normalize(bank_feats, dim=1)
+    return in_batches(lambda f: kth_distance(f, bank, min(k, len(bank))), feats)
+
+
+def knn_density(feats: torch.Tensor, labels: torch.Tensor, k: int = 20) -> torch.Tensor:
+    """k-NN density within each label (feature space, after Sun et al. 2022): minus the distance from the
+    normalised penultimate feature to its k-th nearest other sample of the same label. A learned trigger
+    collapses its samples onto one feature, so poison lies in a dense clump; clean samples spread out."""
+    out = torch.zeros(len(feats), device=feats.device)
+    for c in labels.unique():
+        rows = torch.nonzero(labels == c).flatten()
+        if len(rows) < 2:
+            continue
+        bank = F.normalize(feats[rows], dim=1)
+        out[rows] = -in_batches(lambda f: kth_distance(f, bank, min(k + 1, len(rows))), feats[rows])  # +1: itself
+    return out
+
+
+def training_scores(model, x: torch.Tensor, labels: torch.Tensor, names, p, seed: int) -> dict[str, torch.Tensor]:
+    """The detectors `names` (params detect.training) scored on a training set with the isolation model;
+    statistics are fitted on the set itself (no clean reference exists at training time)."""
+    scores = {}
+    feats = features(model, x) if set(names) - {"strip"} else None
+    for name in names:
+        if name == "strip":
+            bank = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:256].to(x.device)]
+            scores[name] = strip(model, x, bank, p.strip_blends, p.strip_alpha, seed)
+        elif name == "mahalanobis":
+            n_classes = int(labels.max()) + 1
+            scores[name] = mahalanobis(feats[:-1], fit_gaussians(feats[:-1], labels, n_classes))
+        elif name == "spectral":
+            scores[name] = spectral(feats[-1], labels)
+        elif name == "knn_density":
+            scores[name] = knn_density(feats[-1], labels, p.density_k)
+    return scores
+
+
+def robust_z(score: torch.Tensor) -> torch.Tensor:
+    """(score - median) / (1.4826 * median absolute deviation): scores of any scale on one, outliers kept."""
+    centre = score.median()
+    return (score - centre) / ((score - centre).abs().median() * 1.4826).clamp_min(1e-12)
+
+
+def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float:
+    """Area under the ROC curve: the chance a positive scores above a negative (ties count half)."""
+    pos, neg = positive.double().flatten(), negative.double().flatten()
+    if not len(pos) or not len(neg):
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).double().mean()
+    ties = (pos[:, None] == neg[None, :]).double().mean()
+    return float(greater + ties / 2)
