@@ -15,11 +15,12 @@ STAGES = ("ingest", "isolate", "quarantine", "unlearn", "export", "gate")
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["review"]:
-        return review(argv[1:])
+    if argv[:1] in (["review"], ["guard"]):
+        return command(argv[0], argv[1:])
     parser = argparse.ArgumentParser(prog="python -m stages", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=[*STAGES, "schema", "review"], help="a pipeline stage, `schema` to "
-                        "regenerate schemas/params.schema.json, or `review` (see `review --help`)")
+    parser.add_argument("command", choices=[*STAGES, "schema", "review", "guard"], help="a pipeline stage, `schema` "
+                        "to regenerate schemas/params.schema.json, `review` (see `review --help`) or `guard IMAGE...` "
+                        "(see `guard --help`)")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
 
@@ -44,12 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def review(argv: list[str]) -> int:
+def command(name: str, argv: list[str]) -> int:
+    """`review` and `guard`: commands for people, beside the stages."""
     from stages.errors import SanitizeError
-    from stages.review import main as review_main
 
+    entry = importlib.import_module(f"stages.{name}").main
     try:
-        return review_main(argv)
+        return entry(argv)
     except SanitizeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -77,7 +77,38 @@ def run(params: Params) -> None:
         if not max_diff <= params.export.atol:  # also catches NaN
             raise SanitizeError(f"{paths.ONNX_MODEL}: onnxruntime differs from torch by {max_diff:.2e} "
                                 f"> export.atol={params.export.atol}; the export is refused")
+    guard_report = export_guard_file(params, model, test.image_shape, clean, meta)
     write_json(paths.metrics_file("export"), {"max_abs_diff": max_diff, "atol": params.export.atol,
                                                "opset": params.export.opset, "parity_batches": list(PARITY_BATCHES),
-                                               "params_hash": meta["params_hash"], "data_hash": meta["data_hash"]})
-    print(f"[export] {paths.ONNX_MODEL}: max |onnxruntime - torch| = {max_diff:.2e}", file=sys.stderr)
+                                               "params_hash": meta["params_hash"], "data_hash": meta["data_hash"],
+                                               "guard": guard_report})
+    print(f"[export] {paths.ONNX_MODEL}: max |onnxruntime - torch| = {max_diff:.2e}; {paths.GUARD_ONNX}: threshold "
+          f"{guard_report['threshold']:.3f}, {guard_report['calibration_fpr']:.3f} of {guard_report['n_calibration']} "
+          "clean calibration images flagged", file=sys.stderr)
+
+
+def export_guard_file(params: Params, model: torch.nn.Module, image_shape, clean, model_meta: dict) -> dict:
+    """Build the guard (stages/guard.py) from the released model and the isolation checkpoint, export it,
+    and check onnxruntime against torch on the calibration images."""
+    from stages.guard import build_guard, export_guard, onnx_guard
+
+    device = torch.device("cpu")
+    isolation, _ = load_checkpoint(paths.ISOLATE_MODEL, device)
+    calibration = load_store(paths.CALIBRATION_STORE)
+    guard, report = build_guard(params, {"released": model, "isolation": isolation}, clean, calibration, device)
+    meta = {"producer": "backdoor-sanitizer guard", "threshold": repr(report["threshold"]),
+            "target_fpr": str(report["target_fpr"]), "calibration_fpr": str(report["calibration_fpr"]),
+            "calibration_hash": report["calibration_hash"], "n_calibration": str(report["n_calibration"]),
+            "detectors": json.dumps(report["detectors"]), "image_shape": json.dumps(list(image_shape)),
+            "outputs": "score float32 [N] (largest calibrated z-score), flag bool [N] (score > threshold)",
+            **{k: model_meta[k] for k in ("data_hash", "clean_data_hash", "params_hash", "class_names", "input")}}
+    with atomic_path(paths.GUARD_ONNX) as tmp:
+        export_guard(guard, image_shape, tmp, params.export.opset, meta)
+        scores, _ = onnx_guard(tmp)[0](calibration.x)
+        with torch.no_grad():
+            ref = guard(to_tensor(calibration.x, device))[0].numpy()
+        worst = float(np.max(np.abs(scores - ref) / np.maximum(1.0, np.abs(ref)))) if len(ref) else 0.0
+        if not worst <= 1e-3:
+            raise SanitizeError(f"{paths.GUARD_ONNX}: onnxruntime's guard scores differ from torch's by {worst:.2e} "
+                                "(relative); the export is refused")
+    return {**{k: v for k, v in report.items() if k != "calibration_hash"}, "max_rel_diff": worst}

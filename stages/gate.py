@@ -16,7 +16,7 @@ import numpy as np
 from stages import paths
 from stages.config import Params
 from stages.data import load_store
-from stages.errors import GateFailed
+from stages.errors import GateFailed, SanitizeError
 from stages.fileio import write_json
 
 
@@ -24,7 +24,11 @@ def onnx_predictor(path: Path, batch_size: int = 512) -> Callable[[np.ndarray], 
     """uint8 N x H x W x C -> predicted labels, through onnxruntime."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - missing, truncated or foreign file: one meaning
+        raise SanitizeError(f"{path}: not a loadable ONNX model ({type(err).__name__}); run `dvc repro` "
+                            "(the export stage writes it)") from None
 
     def predict(images: np.ndarray) -> np.ndarray:
         out = []
@@ -48,6 +52,26 @@ def attack_success_rate(predict, images: np.ndarray, labels: np.ndarray, trigger
     return float(np.mean(predict(trigger(images[keep])) == target))
 
 
+def guard_rates(params: Params, test, trigger, checks: list) -> dict:
+    """The shipped guard (models/guard.onnx) on the test split: false-positive rate on the clean images and,
+    with a red team, true-positive rate on the triggered non-target ones; checked by gate.min_guard_tpr."""
+    from stages.guard import onnx_guard
+
+    score, meta = onnx_guard(paths.GUARD_ONNX)
+    out = {"threshold": float(meta.get("threshold", "nan")), "fpr": round(float(np.mean(score(test.x)[1])), 4)}
+    rt, minimum = params.redteam, params.gate.min_guard_tpr
+    if rt.attack:
+        triggered = trigger(test.x[test.labels != rt.target])
+        out["tpr"] = round(float(np.mean(score(triggered)[1])), 4) if len(triggered) else float("nan")
+    if minimum is not None:
+        if "tpr" not in out:
+            raise SanitizeError("params.yaml: gate.min_guard_tpr is set but redteam.attack is null, so there are no "
+                                "triggered images to measure the guard on; set gate.min_guard_tpr: null")
+        checks.append({"name": "guard_tpr", "value": out["tpr"], "threshold": minimum, "rule": ">=",
+                       "passed": out["tpr"] >= minimum})
+    return out
+
+
 def run(params: Params) -> None:
     from stages.triggers import TRIGGERS  # metrics may know the attack; the defense never does
 
@@ -64,11 +88,12 @@ def run(params: Params) -> None:
         asr[rt.attack] = round(value, 4)
         checks.append({"name": f"asr:{rt.attack}", "value": round(value, 4), "threshold": gp.max_asr,
                        "rule": "<=", "passed": value <= gp.max_asr})
+    guard = guard_rates(params, test, lambda x: TRIGGERS[rt.attack](x, rt) if rt.attack else None, checks)
     passed = all(c["passed"] for c in checks)
     write_json(paths.metrics_file("gate"), {
         "passed": passed, "clean_accuracy": round(ca, 4), "min_clean_accuracy": gp.min_clean_accuracy,
         "asr": asr, "max_asr": gp.max_asr, "target": rt.target if rt.attack else None,
-        "n_test": len(test), "checks": checks,
+        "n_test": len(test), "guard": guard, "checks": checks,
     })
     from stages.review_page import write_review_page
 

@@ -1,0 +1,222 @@
+"""The inference-time guard, shipped beside the model: models/guard.onnx.
+
+A second ONNX file, not a second output of model.onnx: the released model stays exactly the graph the
+gate measured and parity-checked, deployments that do not want the guard run the model alone at its own
+cost, and the guard can be recalibrated without touching the model. It takes the model's input (float32
+[N, C, H, W] in [0, 1]) and returns `score` (float32 [N]) and `flag` (bool [N], score > threshold).
+
+Each detector (params detect.guard) scores the input on one of two models: the released model, or the
+isolation checkpoint, which learned the trigger on purpose, so a triggered input lands where the poison
+did. Each score becomes a z-score against the clean calibration split (median, MAD); the guard's score is
+the largest, and its threshold is the one that flags `detect.guard_fpr` of that split. The threshold,
+the calibration data's hash and the detectors are in the file's metadata.
+
+`python -m stages guard IMAGE... [--json]` prints each image's predicted class, score and verdict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from stages import paths
+from stages.config import Params
+from stages.data import Store, store_hash
+from stages.detectors import Gaussians, features, fit_gaussians, kth_distance, mahalanobis
+from stages.errors import SanitizeError
+from stages.train import to_tensor
+
+FAMILIES = {"knn": "feature space (Sun et al. 2022, deep nearest neighbours)",
+            "mahalanobis": "activation space (Lee et al. 2018, class-conditional Mahalanobis)"}
+
+
+class KnnHead(nn.Module):
+    def __init__(self, bank: torch.Tensor, k: int):
+        super().__init__()
+        self.register_buffer("bank", F.normalize(bank, dim=1))
+        self.k = min(k, len(bank))
+
+    def forward(self, acts: list[torch.Tensor]) -> torch.Tensor:
+        return kth_distance(acts[-1], self.bank, self.k)
+
+
+class MahalanobisHead(nn.Module):
+    def __init__(self, g: Gaussians):
+        super().__init__()
+        self.n = len(g.means)
+        for i, (mu, prec, scale) in enumerate(zip(g.means, g.precisions, g.scales)):
+            self.register_buffer(f"mean{i}", mu)
+            self.register_buffer(f"precision{i}", prec)
+            self.register_buffer(f"scale{i}", scale.reshape(()))
+
+    def forward(self, acts: list[torch.Tensor]) -> torch.Tensor:
+        g = Gaussians([getattr(self, f"mean{i}") for i in range(self.n)],
+                      [getattr(self, f"precision{i}") for i in range(self.n)],
+                      [getattr(self, f"scale{i}") for i in range(self.n)])
+        return mahalanobis(acts[:-1], g)
+
+
+class GuardNet(nn.Module):
+    """Both models' activations, each detector's score as a calibrated z-score, the largest, the flag."""
+
+    def __init__(self, models: dict[str, nn.Module], heads: list[tuple[str, nn.Module]]):
+        super().__init__()
+        self.models = nn.ModuleDict({name: m for name, m in models.items() if any(h[0] == name for h in heads)})
+        self.sources = [source for source, _ in heads]
+        self.heads = nn.ModuleList([head for _, head in heads])
+        self.register_buffer("centre", torch.zeros(len(heads)))
+        self.register_buffer("scale", torch.ones(len(heads)))
+        self.register_buffer("threshold", torch.tensor(0.0))
+
+    def z_scores(self, x: torch.Tensor) -> torch.Tensor:
+        acts = {name: m.activations(x) for name, m in self.models.items()}
+        raw = torch.stack([head(acts[source]) for source, head in zip(self.sources, self.heads)], dim=1)
+        return (raw - self.centre) / self.scale
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        score = self.z_scores(x).amax(dim=1)
+        return score, score > self.threshold
+
+
+@torch.no_grad()
+def calibrated_threshold(scores: np.ndarray, fpr: float) -> float:
+    """The lowest threshold that flags at most `fpr` of these (clean) scores: flag = score > threshold."""
+    s = np.sort(scores)
+    allowed = int(np.floor(fpr * len(s)))
+    return float(s[len(s) - allowed - 1])
+
+
+@torch.no_grad()
+def build_guard(params: Params, models: dict[str, nn.Module], clean: Store, calibration: Store,
+                device: torch.device) -> tuple[GuardNet, dict]:
+    """Fit each detector on the clean training set, calibrate on the calibration split (never trained on)."""
+    dp = params.detect
+    for m in models.values():
+        m.eval()
+    x_clean, y_clean = to_tensor(clean.x, device), torch.from_numpy(clean.labels).to(device)
+    fitted = {name: features(m, x_clean) for name, m in models.items()}
+    heads, described = [], []
+    rng = np.random.default_rng([params.seed, 0x6A7D])
+    for entry in dp.guard:
+        detector, source = entry.split("@")
+        acts = fitted[source]
+        if detector == "knn":
+            keep = torch.from_numpy(np.sort(rng.permutation(len(clean))[:dp.knn_bank])).to(device)
+            head = KnnHead(acts[-1][keep], dp.knn_k)
+        else:
+            head = MahalanobisHead(fit_gaussians(acts[:-1], y_clean, len(clean.class_names)))
+        heads.append((source, head.to(device)))
+        described.append({"detector": detector, "model": source, "family": FAMILIES[detector]})
+    guard = GuardNet(models, heads).to(device).eval()
+    x_cal = to_tensor(calibration.x, device)
+    raw = guard.z_scores(x_cal)  # centre 0, scale 1 so far: the raw scores
+    guard.centre.copy_(raw.median(dim=0).values)
+    mad = (raw - guard.centre).abs().median(dim=0).values * 1.4826
+    guard.scale.copy_(mad.clamp_min(1e-6))
+    score = guard(x_cal)[0].cpu().numpy()
+    threshold = calibrated_threshold(score, dp.guard_fpr)
+    guard.threshold.fill_(threshold)
+    for d, c, s in zip(described, guard.centre.tolist(), guard.scale.tolist()):
+        d.update(centre=round(c, 6), scale=round(s, 6))
+    report = {"threshold": threshold, "target_fpr": dp.guard_fpr, "n_calibration": len(calibration),
+              "calibration_fpr": float(np.mean(score > threshold)), "calibration_hash": store_hash(calibration),
+              "detectors": described}
+    return guard, report
+
+
+def export_guard(guard: GuardNet, image_shape: tuple[int, int, int], path: Path, opset: int, meta: dict) -> None:
+    import onnx
+
+    h, w, c = image_shape
+    guard = guard.cpu().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(guard, (torch.rand(2, c, h, w),), str(path), input_names=["input"],
+                          output_names=["score", "flag"], opset_version=opset, external_data=False,
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=65536)}}, verbose=False)
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.helper.set_model_props(proto, meta)
+    onnx.save(proto, str(path))
+
+
+def onnx_guard(path: Path, batch_size: int = 512):
+    """uint8 N x H x W x C -> (score, flag), through onnxruntime, with the file's metadata."""
+    import onnxruntime as ort
+
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - missing, truncated or foreign file: one meaning
+        raise SanitizeError(f"{path}: not a loadable ONNX guard ({type(err).__name__}); run `dvc repro` "
+                            "(the export stage writes it)") from None
+    meta = dict(sess.get_modelmeta().custom_metadata_map)
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores, flags = [], []
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size].transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+            s, f = sess.run(["score", "flag"], {"input": x})
+            scores.append(s)
+            flags.append(f)
+        if not scores:
+            return np.empty(0, np.float32), np.empty(0, bool)
+        return np.concatenate(scores), np.concatenate(flags)
+
+    return run, meta
+
+
+def read_image(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
+    """An image file as uint8 H x W x C in the model's shape, or a SanitizeError naming the file."""
+    from stages.sources import _open_image
+
+    if not path.is_file():
+        raise SanitizeError(f"{path}: no such image file")
+    arr, _ = _open_image(path)
+    h, w, c = shape
+    if arr.shape[2] != c and c == 3:
+        arr = np.repeat(arr, 3, axis=2)  # a grayscale image given to an RGB model
+    if arr.shape != (h, w, c):
+        raise SanitizeError(f"{path}: image is {arr.shape[1]}x{arr.shape[0]} with {arr.shape[2]} channel(s); the model "
+                            f"takes {w}x{h} with {c}: resize it to the training images' size first")
+    return arr
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m stages guard", description="Score images with the guard shipped "
+                                 "beside the model: predicted class, suspicion score, verdict. Exit 0 when every "
+                                 "image was scored (flagged or not), 2 on bad input.")
+    ap.add_argument("images", nargs="+", type=Path, help="PNG or JPEG files, the size of the training images")
+    ap.add_argument("--json", action="store_true", help="one JSON list on stdout, for machines")
+    ap.add_argument("--model", type=Path, default=paths.ONNX_MODEL)
+    ap.add_argument("--guard", type=Path, default=paths.GUARD_ONNX)
+    args = ap.parse_args(argv)
+
+    from stages.gate import onnx_predictor
+
+    guard, meta = onnx_guard(args.guard)
+    shape = tuple(json.loads(meta.get("image_shape", "null")) or ())
+    if len(shape) != 3:
+        raise SanitizeError(f"{args.guard}: metadata has no image_shape; re-run `dvc repro` to rebuild the guard")
+    class_names = json.loads(meta.get("class_names", "[]"))
+    x = np.stack([read_image(p, shape) for p in args.images])
+    predicted = onnx_predictor(args.model)(x)
+    scores, flags = guard(x)
+    threshold = float(meta["threshold"])
+    rows = [{"image": str(p), "class": int(c), "class_name": class_names[c] if c < len(class_names) else str(c),
+             "score": round(float(s), 4), "threshold": round(threshold, 4), "flagged": bool(f)}
+            for p, c, s, f in zip(args.images, predicted, scores, flags)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['image']}\tclass {r['class']} ({r['class_name']})\tscore {r['score']:.3f}\t"
+                  f"{'FLAGGED' if r['flagged'] else 'ok'} (threshold {r['threshold']:.3f})")
+    return 0
