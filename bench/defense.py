@@ -35,7 +35,10 @@ from stages.config import Params
 from stages.data import Store, make_store
 from stages.fileio import write_json, write_text
 from stages.gate import attack_success_rate, clean_accuracy
-from stages.isolate import choose, train_lga
+from stages.data import calibration_split
+from stages.detectors import auroc, robust_z, strip, training_scores
+from stages.guard import build_guard, calibrated_threshold
+from stages.isolate import adaptive_selection, choose, fused_suspicion, train_lga
 from stages.models import build_model, model_spec
 from stages.sources import read_source
 from stages.train import channel_stats, make_optimizer, predict_logits, seed_everything, to_tensor, train_epoch
@@ -59,14 +62,18 @@ PROFILES = {
                 "isolate": {"epochs": 10, "augment": False}, "unlearn": {"finetune_epochs": 6}},
 }
 # The digits rows add abl+joint: it is the pipeline's default on digits (params.yaml).
-DEFAULT_DEFENSES = {"digits": ["abl", "abl+joint", "abl+adaptive"], "cifar10": ["abl", "abl+adaptive"]}
+DEFAULT_DEFENSES = {"digits": ["abl", "abl+joint", "abl+adaptive", "fused"], "cifar10": ["abl", "abl+adaptive", "fused"]}
 # Each defense is a set of overrides on the profile; plain ABL stays reachable as settings.
 DEFENSES = {
-    "abl": {"isolate": {"selection": "ratio", "ratio": 0.01},
+    "abl": {"isolate": {"selection": "ratio", "ratio": 0.01}, "detect": {"fusion": []},
             "unlearn": {"mode": "ascent", "lr": 5e-4, "epochs": 20}},
-    "abl+joint": {"isolate": {"selection": "ratio", "ratio": 0.01}, "unlearn": {"mode": "joint"}},
-    "abl+adaptive": {"isolate": {"selection": "adaptive"}, "unlearn": {"mode": "joint"}},
+    "abl+joint": {"isolate": {"selection": "ratio", "ratio": 0.01}, "detect": {"fusion": []}, "unlearn": {"mode": "joint"}},
+    "abl+adaptive": {"isolate": {"selection": "adaptive"}, "detect": {"fusion": []}, "unlearn": {"mode": "joint"}},
+    # The pipeline's default for real images: adaptive isolation ranked by the loss fused with detectors.
+    "fused": {"isolate": {"selection": "adaptive"}, "unlearn": {"mode": "joint"}},
 }
+DETECTORS = ["strip", "mahalanobis", "spectral", "knn_density"]  # each alone: rows "detector:<name>" (isolation only)
+GUARD_KEYS = ["dataset", "attack", "poison_rate", "detector", "tpr", "fpr", "auroc", "threshold", "seconds"]
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -125,16 +132,26 @@ def train_standard(params: Params, store: Store, device) -> torch.nn.Module:
     return model
 
 
-def row(case: tuple, defense: str, ca: float, asr: float, precision, recall, seconds: float) -> dict:
+def _round(v, digits: int = 4):
+    return None if v is None else round(float(v), digits)
+
+
+def row(case: tuple, defense: str, ca, asr, precision, recall, seconds: float) -> dict:
     dataset, attack, rate = case
     return {"dataset": dataset, "attack": attack, "poison_rate": rate, "defense": defense,
-            "clean_accuracy": round(ca, 4), "asr": round(asr, 4),
+            "clean_accuracy": _round(ca), "asr": _round(asr),
             "isolation_precision": None if precision is None else round(precision, 4),
             "isolation_recall": None if recall is None else round(recall, 4), "seconds": round(seconds, 1)}
 
 
-def run_task(task: tuple) -> list[dict]:
-    """One unit of work: (dataset, attack, rate, kind), kind "none", "oracle" or "defenses"."""
+def isolation_quality(isolated: np.ndarray, backdoor: np.ndarray) -> tuple[float, float]:
+    hits = np.isin(isolated, backdoor).sum()
+    return (hits / len(isolated) if len(isolated) else 0.0), (hits / len(backdoor) if len(backdoor) else float("nan"))
+
+
+def run_task(task: tuple) -> tuple[list[dict], list[dict]]:
+    """One unit of work: (dataset, attack, rate, kind), kind "none", "oracle", "defenses" or "adversarial"
+    (a clean training set; FGSM and PGD on the released model). Returns (defense rows, guard rows)."""
     dataset, attack, rate, kind, defenses, threads = task
     torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -144,24 +161,110 @@ def run_task(task: tuple) -> list[dict]:
     if kind in ("none", "oracle"):
         keep = np.setdiff1d(np.arange(len(train)), touched) if kind == "oracle" else np.arange(len(train))
         model = train_standard(params, train.subset(keep), device)
-        return [row(case, kind, *evaluate(model, params, x_test, y_test, device), None, None, time.perf_counter() - t0)]
+        return [row(case, kind, *evaluate(model, params, x_test, y_test, device), None, None,
+                    time.perf_counter() - t0)], [], None
 
-    rows = []
+    rows, guard_rows, cost = [], [], None
     lga_model, _, history = train_lga(params, train, device)
     isolation_seconds = time.perf_counter() - t0
-    for name in defenses:
+    signals, detect_seconds = {}, {}
+    x, y = to_tensor(train.x, device), torch.from_numpy(train.labels).to(device)
+    for name in DETECTORS:
+        t1 = time.perf_counter()
+        signals[name] = training_scores(lga_model, x, y, [name], params.detect, params.seed)[name].cpu().numpy()
+        detect_seconds[name] = time.perf_counter() - t1
+    if kind == "defenses":
+        for name in DETECTORS:  # each detector alone ranks and cuts, as the loss does in abl+adaptive
+            score = -robust_z(torch.as_tensor(signals[name], dtype=torch.float64)).numpy()
+            isolated, _ = adaptive_selection(score, train.labels, train.ids, params.isolate)
+            rows.append(row(case, f"detector:{name}", None, None, *isolation_quality(isolated, backdoor),
+                            detect_seconds[name]))
+    for name in (defenses if kind == "defenses" else ["fused"]):
         t1 = time.perf_counter()
         p = profile_params(dataset, attack, rate, DEFENSES[name])
-        isolated, _, _ = choose(history, train, p.isolate)
-        hits = np.isin(isolated, backdoor).sum()
-        precision = hits / len(isolated) if len(isolated) else 0.0
-        recall = hits / len(backdoor) if len(backdoor) else float("nan")
+        fused = fused_suspicion(history, signals, p.detect.fusion)
+        isolated, _, _ = choose(history, train, p.isolate, fused)
         model = copy.deepcopy(lga_model)
         clean = train.subset(np.setdiff1d(np.arange(len(train)), isolated))
         sanitize(model, p, clean, train.subset(isolated), device)
         ca, asr = evaluate(model, p, x_test, y_test, device)
-        rows.append(row(case, name, ca, asr, precision, recall, isolation_seconds + time.perf_counter() - t1))
-    return rows
+        extra = sum(detect_seconds[d] for d in p.detect.fusion)
+        if kind == "defenses":
+            rows.append(row(case, name, ca, asr, *isolation_quality(isolated, backdoor),
+                            isolation_seconds + extra + time.perf_counter() - t1))
+        if name == "fused":
+            guard_rows, cost = guard_benchmark(p, case, model, lga_model, clean, x_test, y_test, device, kind)
+    cost = cost and {**cost, "isolate_seconds": round(isolation_seconds, 1),
+                     "detect_seconds": {k: round(v, 1) for k, v in detect_seconds.items()}}
+    return rows, guard_rows, cost
+
+
+def adversarial(model, x: torch.Tensor, y: torch.Tensor, steps: int, eps: float = 8 / 255) -> torch.Tensor:
+    """L-infinity FGSM (steps=1, Goodfellow et al. 2015) or PGD (Madry et al. 2018, step eps/4, no random
+    start) against the model, in [0, 1] pixels."""
+    model.eval()
+    step = eps if steps == 1 else eps / 4
+    out = []
+    for i in range(0, len(x), 256):
+        x0, xa = x[i:i + 256], x[i:i + 256].clone()
+        for _ in range(steps):
+            xa.requires_grad_(True)
+            grad, = torch.autograd.grad(torch.nn.functional.cross_entropy(model(xa), y[i:i + 256]), xa)
+            xa = torch.min(torch.max(xa.detach() + step * grad.sign(), x0 - eps), x0 + eps).clamp(0, 1)
+        out.append(xa.detach())
+    return torch.cat(out)
+
+
+def guard_benchmark(params: Params, case: tuple, released, isolation, clean: Store, x_test, y_test, device,
+                    kind: str) -> list[dict]:
+    """The shipped guard and each of its detectors alone (plus STRIP on the isolation model, too costly to
+    ship), calibrated on the calibration split at detect.guard_fpr and measured on the rest of the test
+    split: clean images (FPR) against malicious ones (TPR): the red team's triggered non-target images,
+    or FGSM / PGD examples of the released model."""
+    from stages.triggers import apply_trigger
+
+    test_idx, cal_idx = calibration_split(y_test, params.data.calibration_size, params.seed)
+    calibration = make_store(x_test[cal_idx], y_test[cal_idx], [str(i) for i in cal_idx], clean.class_names)
+    guard, _ = build_guard(params, {"released": released, "isolation": isolation}, clean, calibration, device)
+    x_cal, x_eval = to_tensor(x_test[cal_idx], device), to_tensor(x_test[test_idx], device)
+    y_eval = torch.from_numpy(y_test[test_idx]).to(device)
+    dataset, attack, rate = case
+    if kind == "adversarial":
+        malicious = {"fgsm": adversarial(released, x_eval, y_eval, 1), "pgd": adversarial(released, x_eval, y_eval, 10)}
+        rate = 0.0
+    else:
+        rt = params.redteam
+        keep = test_idx[y_test[test_idx] != rt.target]
+        malicious = {attack: to_tensor(apply_trigger(x_test[keep], attack, rt), device)}
+    bank = to_tensor(clean.x[np.random.default_rng(params.seed).permutation(len(clean))[:256]], device)
+    scorers = {f"{h['detector']}@{h['model']}": (lambda xx, j=j: guard.z_scores(xx)[:, j])
+               for j, h in enumerate({"detector": d.split("@")[0], "model": d.split("@")[1]} for d in params.detect.guard)}
+    scorers["strip@isolation"] = lambda xx: strip(isolation, xx, bank, params.detect.strip_blends, params.detect.strip_alpha)
+    scorers["guard"] = lambda xx: guard(xx)[0]
+    rows = []
+    with torch.no_grad():
+        for name, scorer in scorers.items():
+            cal, clean_scores = scorer(x_cal).cpu().numpy(), scorer(x_eval).cpu().numpy()
+            threshold = calibrated_threshold(cal, params.detect.guard_fpr)
+            for attack_name, xm in malicious.items():
+                t1 = time.perf_counter()
+                bad = scorer(xm).cpu().numpy()
+                seconds = time.perf_counter() - t1
+                rows.append({"dataset": dataset, "attack": attack_name, "poison_rate": rate, "detector": name,
+                             "tpr": round(float(np.mean(bad > threshold)), 4),
+                             "fpr": round(float(np.mean(clean_scores > threshold)), 4),
+                             "auroc": round(auroc(torch.from_numpy(bad), torch.from_numpy(clean_scores)), 4),
+                             "threshold": round(threshold, 4), "seconds": round(seconds, 3)})
+        t1 = time.perf_counter()
+        predict_logits(released, x_eval)
+        model_seconds = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        guard(x_eval)
+        guard_seconds = time.perf_counter() - t1
+    cost = {"dataset": dataset, "attack": attack, "poison_rate": rate, "images": len(x_eval),
+            "model_seconds": round(model_seconds, 4), "guard_seconds": round(guard_seconds, 4),
+            "guard_over_model": round(guard_seconds / model_seconds, 2)}
+    return rows, cost
 
 
 def machine() -> str:
@@ -199,8 +302,31 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def sort_key(r: dict):
-    order = ["none", "oracle", *DEFENSES]
+    order = ["none", "oracle", *DEFENSES, *(f"detector:{d}" for d in DETECTORS)]
     return (r["dataset"], ATTACKS.index(r["attack"]), r["poison_rate"], order.index(r["defense"]))
+
+
+def guard_sort_key(r: dict):
+    return (r["dataset"], (ATTACKS + ["fgsm", "pgd"]).index(r["attack"]), r["poison_rate"], r["detector"])
+
+
+def guard_markdown(rows: list[dict], costs: list[dict], meta: dict) -> str:
+    lines = ["# Guard benchmark", "", f"Machine: {meta['machine']}.", "",
+             "Each detector is calibrated to the target false-positive rate on the calibration split of the test "
+             "set (20% of each class) and measured on the rest: FPR on its clean images, TPR on malicious ones "
+             "(red-team triggered non-target images, or FGSM / PGD, L-inf eps 8/255, PGD 10 steps of eps/4, "
+             "against the released model of a clean training run, poison rate 0). `guard` is the shipped "
+             "combination (largest calibrated z-score); `strip@isolation` is not shipped (one forward pass per "
+             "blend).", "", "| " + " | ".join(GUARD_KEYS) + " |", "|" + "---|" * len(GUARD_KEYS)]
+    lines += ["| " + " | ".join(fmt(r[k]) for k in GUARD_KEYS) + " |" for r in rows]
+    lines += ["", "Cost, per case: isolation (LGA training) and each training-time detector on the training set; "
+              "the released model alone and the guard on the evaluation images (same batch, torch, 1 thread).", "",
+              "| dataset | attack | rate | isolate s | detectors s | model s | guard s | guard / model |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {c['dataset']} | {c['attack']} | {c['poison_rate']} | {c['isolate_seconds']} | "
+              f"{json.dumps(c['detect_seconds'])} | {c['model_seconds']} | {c['guard_seconds']} | {c['guard_over_model']} |"
+              for c in costs]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -212,6 +338,8 @@ def main(argv=None) -> int:
     ap.add_argument("--defenses", default=None, help=f"from {', '.join(DEFENSES)} (default: {DEFAULT_DEFENSES})")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                     help="worker processes (each uses cores/jobs torch threads)")
+    ap.add_argument("--no-adversarial", action="store_true", help="skip the clean runs for FGSM and PGD")
+    ap.add_argument("--no-baselines", action="store_true", help="skip the none and oracle rows")
     ap.add_argument("--out", type=Path, default=None,
                     help="results folder (default bench/results, with --quick bench/results/quick)")
     args = ap.parse_args(argv)
@@ -232,25 +360,38 @@ def main(argv=None) -> int:
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     # The costliest units first, so the pool ends together.
     tasks = [(d, a, r, kind, chosen[d], threads) for d in datasets for a in attacks for r in rates
-             for kind in ("defenses", "none", "oracle")]
+             for kind in ("defenses",) + (() if args.no_baselines else ("none", "oracle"))]
+    if not args.no_adversarial:  # a clean training run per dataset, for FGSM and PGD against its released model
+        tasks += [(d, "badnets", 0.0, "adversarial", ["fused"], threads) for d in datasets]
     tasks.sort(key=lambda t: (t[0] != "cifar10", t[3] != "defenses"))
-    rows, t0 = [], time.perf_counter()
+    rows, guard_rows, costs, t0 = [], [], [], time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(run_task, t): t for t in tasks}
         for done, future in enumerate(as_completed(futures), 1):
-            for r in future.result():
-                rows.append(r)
+            unit_rows, unit_guard_rows, cost = future.result()
+            rows += unit_rows
+            guard_rows += unit_guard_rows
+            costs += [cost] if cost else []
+            for r in unit_rows:
                 print(f"[bench] {r['dataset']} {r['attack']} {r['poison_rate']:.2f} {r['defense']:<13} "
-                      f"CA {r['clean_accuracy']:.3f} ASR {r['asr']:.3f} precision {fmt(r['isolation_precision'])} "
+                      f"CA {fmt(r['clean_accuracy'])} ASR {fmt(r['asr'])} precision {fmt(r['isolation_precision'])} "
                       f"recall {fmt(r['isolation_recall'])} ({r['seconds']:.0f} s)", file=sys.stderr, flush=True)
+            for r in unit_guard_rows:
+                print(f"[bench] guard {r['dataset']} {r['attack']} {r['poison_rate']:.2f} {r['detector']:<22} "
+                      f"TPR {r['tpr']:.3f} FPR {r['fpr']:.3f} AUROC {r['auroc']:.3f}", file=sys.stderr, flush=True)
             elapsed = time.perf_counter() - t0
             print(f"[bench] {done}/{len(tasks)} units done, {elapsed / 60:.1f} min elapsed", file=sys.stderr, flush=True)
     rows.sort(key=sort_key)
+    guard_rows.sort(key=guard_sort_key)
+    costs.sort(key=lambda c: (c["dataset"], c["attack"], c["poison_rate"]))
     meta = {"machine": machine(), "wall_seconds": round(time.perf_counter() - t0, 1), "jobs": args.jobs,
             "threads": threads, "profiles": {d: PROFILES[d] for d in datasets}}
     write_json(out / "defense.json", rows)
     write_json(out / "defense.meta.json", meta)
     write_text(out / "defense.md", markdown(rows, meta))
+    write_json(out / "guard.json", guard_rows)
+    write_json(out / "guard.meta.json", {**meta, "costs": costs})
+    write_text(out / "guard.md", guard_markdown(guard_rows, costs, meta))
     print(f"[bench] wrote {out / 'defense.json'} and defense.md ({meta['wall_seconds'] / 60:.1f} min)", file=sys.stderr)
     return 0
 

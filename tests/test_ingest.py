@@ -35,6 +35,10 @@ def test_npz_ingest_writes_a_hashed_store(project):
     assert len(set(train.sha256)) == len(train)
     truth = (project / "data/ingested/redteam_truth.csv").read_text().splitlines()
     assert len(truth) == 1 + 10  # header + 25% of 40
+    # 20% of each test class is held out to calibrate the guard; nothing is lost or shared.
+    test, calibration = load_store("data/ingested/test.npz"), load_store("data/ingested/calibration.npz")
+    assert len(test) + len(calibration) == 20 and not set(test.ids) & set(calibration.ids)
+    assert np.bincount(calibration.labels).tolist() == [1, 1, 1, 1]
 
 
 def test_npz_label_outside_class_set_is_refused_by_sample(project):

@@ -7,7 +7,7 @@ import torch
 
 from stages.config import IsolateParams, Params
 from stages.data import make_store
-from stages.isolate import adaptive_selection, otsu_split, select_isolated, train_lga
+from stages.isolate import adaptive_selection, lowest, otsu_split, select_isolated, suspicion_score, train_lga
 from stages.sources import read_digits
 from stages.train import lga_loss
 from stages.triggers import poison
@@ -68,11 +68,11 @@ def synthetic_history(seed=0):
 
 def test_adaptive_selection_isolates_the_separated_group_of_the_implicated_class():
     history, labels, ids, backdoor, _ = synthetic_history()
-    chosen, report = adaptive_selection(history, labels, ids, IsolateParams())
+    chosen, report = adaptive_selection(suspicion_score(history), labels, ids, IsolateParams())
     assert report["rule"].startswith("adaptive") and report["implicated_label"] == 2
     assert chosen.tolist() == backdoor.tolist()
     # Without concentration the easy samples of class 1 may join; the cap bounds the share.
-    capped, _ = adaptive_selection(history, labels, ids, IsolateParams(concentrate=False, max_ratio=0.05))
+    capped, _ = adaptive_selection(suspicion_score(history), labels, ids, IsolateParams(concentrate=False, max_ratio=0.05))
     assert len(capped) == 10 and set(capped) <= set(backdoor)
 
 
@@ -80,9 +80,9 @@ def test_adaptive_selection_falls_back_to_the_fixed_ratio_without_a_separated_gr
     rng = np.random.default_rng(1)
     history = np.exp(rng.normal(-1, 0.5, size=(300, 5)))
     labels, ids = np.arange(300) % 3, np.array([f"s{i:03d}" for i in range(300)])
-    chosen, report = adaptive_selection(history, labels, ids, IsolateParams(ratio=0.02))
+    chosen, report = adaptive_selection(suspicion_score(history), labels, ids, IsolateParams(ratio=0.02))
     assert report["rule"].startswith("ratio") and report["separation"] < 3.5
-    assert chosen.tolist() == select_isolated(history, ids, 0.02).tolist()
+    assert chosen.tolist() == lowest(suspicion_score(history), ids, 0.02).tolist()
 
 
 def test_otsu_split_separates_two_clusters():

@@ -1,0 +1,125 @@
+"""Detectors (stages/detectors.py), the within-class cut, fusion, and the guard shipped with the model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import stage_cli
+from stages.config import Params
+from stages.detectors import auroc, fit_gaussians, knn_density, mahalanobis, spectral, strip
+from stages.guard import calibrated_threshold
+from stages.isolate import kittler_split, otsu_split
+
+
+def test_kittler_cut_keeps_the_few_clean_samples_of_a_class_the_poison_fills():
+    # SIG-like: 500 poisoned (low, spread out) and 8 clean (high) samples in one class.
+    rng = np.random.default_rng(0)
+    poison, clean = rng.normal(-8, 1.5, 500), rng.normal(-1, 0.3, 8)
+    values = np.concatenate([poison, clean])
+    cut = kittler_split(values)
+    assert np.all(poison <= cut) and np.all(clean > cut)
+    assert np.mean(poison <= otsu_split(values)[0]) < 0.9  # Otsu's cut falls inside the poison
+
+
+def test_auroc_and_calibrated_threshold():
+    assert auroc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 1.0
+    assert auroc(torch.tensor([0.0]), torch.tensor([1.0])) == 0.0
+    assert auroc(torch.tensor([1.0]), torch.tensor([1.0])) == 0.5
+    scores = np.random.default_rng(1).normal(size=1000)
+    threshold = calibrated_threshold(scores, 0.05)
+    assert np.mean(scores > threshold) <= 0.05 and np.mean(scores >= threshold) > 0.05
+
+
+def test_feature_and_activation_detectors_rank_the_planted_outliers_first():
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(300, 16, generator=gen)
+    labels = torch.zeros(300, dtype=torch.long)
+    planted = torch.arange(270, 300)
+    feats[planted] = 0.05 * torch.randn(30, 16, generator=gen) + 10 * torch.eye(16)[0]  # one tight, shifted clump
+    truth = torch.zeros(300, dtype=torch.bool)
+    truth[planted] = True
+    for score in (spectral(feats, labels), knn_density(feats, labels, k=10)):
+        assert auroc(score[truth], score[~truth]) > 0.95
+    g = fit_gaussians([feats[~truth]], labels[~truth], 1)
+    m = mahalanobis([feats], g)
+    assert auroc(m[truth], m[~truth]) > 0.95
+
+
+def test_strip_flags_inputs_that_keep_their_prediction_under_blending():
+    class Backdoored(torch.nn.Module):
+        """Class 0 with certainty when pixel (0, 0) is over 0.5 (the trigger), else unsure logits."""
+
+        def forward(self, x):
+            trigger = (x[:, 0, 0, 0] > 0.5).float()[:, None]
+            return 50 * trigger * torch.eye(10)[0] + 4 * x.flatten(1)[:, 1:11]
+
+    gen = torch.Generator().manual_seed(0)
+    clean = 0.5 * torch.rand(64, 1, 8, 8, generator=gen)  # pixels under 0.5: a 50/50 blend stays under
+    triggered = clean.clone()
+    triggered[:, 0, 0, 0] = 1.0  # blended 50/50 with any clean image: over 0.5, the trigger survives
+    model = Backdoored()
+    s_clean = strip(model, clean, clean, n_blends=8, alpha=0.5)
+    s_trig = strip(model, triggered, clean, n_blends=8, alpha=0.5)
+    assert auroc(s_trig, s_clean) == 1.0
+
+
+def test_fusion_must_name_scored_detectors():
+    with pytest.raises(ValueError, match="detect.fusion"):
+        Params.model_validate({"detect": {"training": ["strip"], "fusion": ["knn_density"]}})
+
+
+def test_pipeline_writes_detector_scores_and_a_calibrated_guard(pipeline):
+    import onnxruntime as ort
+
+    from stages.data import load_store, store_hash
+    from stages.guard import onnx_guard
+
+    scores = (pipeline / "data/isolate/scores.csv").read_text().splitlines()[0].split(",")
+    assert {"strip", "mahalanobis", "knn_density", "fused"} <= set(scores)
+    assert "knn_density" in (pipeline / "data/quarantine/quarantine.csv").read_text().splitlines()[0]
+
+    sess = ort.InferenceSession(str(pipeline / "models/guard.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == ["score", "flag"]
+    guard, meta = onnx_guard(pipeline / "models/guard.onnx")
+    calibration = load_store(pipeline / "data/ingested/calibration.npz")
+    assert meta["calibration_hash"] == store_hash(calibration)
+    assert {d["detector"] for d in json.loads(meta["detectors"])} == {"knn", "mahalanobis"}
+    score, flag = guard(calibration.x)
+    assert flag.mean() <= 0.05 and np.array_equal(flag, score > float(meta["threshold"]))
+    for batch in (1, 7):  # dynamic batch axis
+        assert guard(calibration.x[:batch])[0].shape == (batch,)
+
+    test_ids = set(load_store(pipeline / "data/ingested/test.npz").ids)
+    assert not test_ids & set(calibration.ids)  # the gate never scores the calibration images
+    gate = json.loads((pipeline / "metrics/gate.json").read_text())
+    assert 0 <= gate["guard"]["fpr"] <= 0.2 and 0 <= gate["guard"]["tpr"] <= 1
+
+
+def test_guard_command(pipeline, tmp_path):
+    from PIL import Image
+
+    from stages.data import load_store
+
+    triggered = load_store(pipeline / "data/ingested/redteam_test.npz")
+    paths = []
+    for k in range(3):
+        path = tmp_path / f"image {k}.png"
+        Image.fromarray(triggered.x[k][..., 0]).save(path)
+        paths.append(str(path))
+    result = stage_cli(pipeline, "guard", "--json", *paths)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [r["image"] for r in rows] == paths
+    assert all({"class", "class_name", "score", "threshold", "flagged"} <= set(r) for r in rows)
+
+    text = stage_cli(pipeline, "guard", paths[0])
+    assert text.returncode == 0 and ("FLAGGED" in text.stdout or "ok" in text.stdout)
+
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(big)
+    wrong = stage_cli(pipeline, "guard", str(big))
+    assert wrong.returncode == 2 and "big.png" in wrong.stderr and "8x8" in wrong.stderr
