@@ -32,10 +32,9 @@ import numpy as np
 import torch
 
 from stages.config import Params
-from stages.data import Store, make_store
+from stages.data import Store, calibration_split, make_store
 from stages.fileio import write_json, write_text
 from stages.gate import attack_success_rate, clean_accuracy
-from stages.data import calibration_split
 from stages.detectors import auroc, robust_z, strip, training_scores
 from stages.guard import build_guard, calibrated_threshold
 from stages.isolate import adaptive_selection, choose, fused_suspicion, train_lga
@@ -140,8 +139,7 @@ def row(case: tuple, defense: str, ca, asr, precision, recall, seconds: float) -
     dataset, attack, rate = case
     return {"dataset": dataset, "attack": attack, "poison_rate": rate, "defense": defense,
             "clean_accuracy": _round(ca), "asr": _round(asr),
-            "isolation_precision": None if precision is None else round(precision, 4),
-            "isolation_recall": None if recall is None else round(recall, 4), "seconds": round(seconds, 1)}
+            "isolation_precision": _round(precision), "isolation_recall": _round(recall), "seconds": round(seconds, 1)}
 
 
 def isolation_quality(isolated: np.ndarray, backdoor: np.ndarray) -> tuple[float, float]:
@@ -149,7 +147,7 @@ def isolation_quality(isolated: np.ndarray, backdoor: np.ndarray) -> tuple[float
     return (hits / len(isolated) if len(isolated) else 0.0), (hits / len(backdoor) if len(backdoor) else float("nan"))
 
 
-def run_task(task: tuple) -> tuple[list[dict], list[dict]]:
+def run_task(task: tuple) -> tuple[list[dict], list[dict], dict | None]:
     """One unit of work: (dataset, attack, rate, kind), kind "none", "oracle", "defenses" or "adversarial"
     (a clean training set; FGSM and PGD on the released model). Returns (defense rows, guard rows)."""
     dataset, attack, rate, kind, defenses, threads = task
@@ -216,7 +214,7 @@ def adversarial(model, x: torch.Tensor, y: torch.Tensor, steps: int, eps: float 
 
 
 def guard_benchmark(params: Params, case: tuple, released, isolation, clean: Store, x_test, y_test, device,
-                    kind: str) -> list[dict]:
+                    kind: str) -> tuple[list[dict], dict]:
     """The shipped guard and each of its detectors alone (plus STRIP on the isolation model, too costly to
     ship), calibrated on the calibration split at detect.guard_fpr and measured on the rest of the test
     split: clean images (FPR) against malicious ones (TPR): the red team's triggered non-target images,
@@ -237,8 +235,7 @@ def guard_benchmark(params: Params, case: tuple, released, isolation, clean: Sto
         keep = test_idx[y_test[test_idx] != rt.target]
         malicious = {attack: to_tensor(apply_trigger(x_test[keep], attack, rt), device)}
     bank = to_tensor(clean.x[np.random.default_rng(params.seed).permutation(len(clean))[:256]], device)
-    scorers = {f"{h['detector']}@{h['model']}": (lambda xx, j=j: guard.z_scores(xx)[:, j])
-               for j, h in enumerate({"detector": d.split("@")[0], "model": d.split("@")[1]} for d in params.detect.guard)}
+    scorers = {entry: (lambda xx, j=j: guard.z_scores(xx)[:, j]) for j, entry in enumerate(params.detect.guard)}
     scorers["strip@isolation"] = lambda xx: strip(isolation, xx, bank, params.detect.strip_blends, params.detect.strip_alpha)
     scorers["guard"] = lambda xx: guard(xx)[0]
     rows = []

@@ -163,10 +163,17 @@ def training_scores(model, x: torch.Tensor, labels: torch.Tensor, names, p, seed
     return scores
 
 
+def median_mad(score: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(median, 1.4826 * median absolute deviation) along `dim`: a centre and a spread (the standard
+    deviation for Gaussian data) that a few outliers do not move."""
+    centre = score.median(dim=dim).values
+    return centre, (score - centre).abs().median(dim=dim).values * 1.4826
+
+
 def robust_z(score: torch.Tensor) -> torch.Tensor:
-    """(score - median) / (1.4826 * median absolute deviation): scores of any scale on one, outliers kept."""
-    centre = score.median()
-    return (score - centre) / ((score - centre).abs().median() * 1.4826).clamp_min(1e-12)
+    """(score - median) / spread (`median_mad`): scores of any scale on one, outliers kept."""
+    centre, spread = median_mad(score)
+    return (score - centre) / spread.clamp_min(1e-12)
 
 
 def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float:

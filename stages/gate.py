@@ -8,8 +8,6 @@ metrics/gate.json is written first, then the stage exits 1 naming each failed ch
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -18,26 +16,7 @@ from stages.config import Params
 from stages.data import load_store
 from stages.errors import GateFailed, SanitizeError
 from stages.fileio import write_json
-
-
-def onnx_predictor(path: Path, batch_size: int = 512) -> Callable[[np.ndarray], np.ndarray]:
-    """uint8 N x H x W x C -> predicted labels, through onnxruntime."""
-    import onnxruntime as ort
-
-    try:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as err:  # noqa: BLE001 - missing, truncated or foreign file: one meaning
-        raise SanitizeError(f"{path}: not a loadable ONNX model ({type(err).__name__}); run `dvc repro` "
-                            "(the export stage writes it)") from None
-
-    def predict(images: np.ndarray) -> np.ndarray:
-        out = []
-        for i in range(0, len(images), batch_size):
-            x = images[i:i + batch_size].transpose(0, 3, 1, 2).astype(np.float32) / 255.0
-            out.append(sess.run(["logits"], {"input": x})[0].argmax(axis=1))
-        return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
-
-    return predict
+from stages.onnx_io import onnx_predictor
 
 
 def clean_accuracy(predict, images: np.ndarray, labels: np.ndarray) -> float:
@@ -52,16 +31,17 @@ def attack_success_rate(predict, images: np.ndarray, labels: np.ndarray, trigger
     return float(np.mean(predict(trigger(images[keep])) == target))
 
 
-def guard_rates(params: Params, test, trigger, checks: list) -> dict:
+def guard_rates(params: Params, test, checks: list) -> dict:
     """The shipped guard (models/guard.onnx) on the test split: false-positive rate on the clean images and,
-    with a red team, true-positive rate on the triggered non-target ones; checked by gate.min_guard_tpr."""
+    with a red team, true-positive rate on the triggered non-target ones that ingest wrote; checked by
+    gate.min_guard_tpr."""
     from stages.guard import onnx_guard
 
     score, meta = onnx_guard(paths.GUARD_ONNX)
     out = {"threshold": float(meta.get("threshold", "nan")), "fpr": round(float(np.mean(score(test.x)[1])), 4)}
-    rt, minimum = params.redteam, params.gate.min_guard_tpr
-    if rt.attack:
-        triggered = trigger(test.x[test.labels != rt.target])
+    minimum = params.gate.min_guard_tpr
+    if params.redteam.attack:
+        triggered = load_store(paths.REDTEAM_TEST).x
         out["tpr"] = round(float(np.mean(score(triggered)[1])), 4) if len(triggered) else float("nan")
     if minimum is not None:
         if "tpr" not in out:
@@ -88,7 +68,7 @@ def run(params: Params) -> None:
         asr[rt.attack] = round(value, 4)
         checks.append({"name": f"asr:{rt.attack}", "value": round(value, 4), "threshold": gp.max_asr,
                        "rule": "<=", "passed": value <= gp.max_asr})
-    guard = guard_rates(params, test, lambda x: TRIGGERS[rt.attack](x, rt) if rt.attack else None, checks)
+    guard = guard_rates(params, test, checks)
     passed = all(c["passed"] for c in checks)
     write_json(paths.metrics_file("gate"), {
         "passed": passed, "clean_accuracy": round(ca, 4), "min_clean_accuracy": gp.min_clean_accuracy,

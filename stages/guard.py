@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -30,8 +29,9 @@ import torch.nn.functional as F
 from stages import paths
 from stages.config import Params
 from stages.data import Store, store_hash
-from stages.detectors import Gaussians, features, fit_gaussians, kth_distance, mahalanobis
+from stages.detectors import Gaussians, features, fit_gaussians, kth_distance, mahalanobis, median_mad
 from stages.errors import SanitizeError
+from stages.onnx_io import input_batches, onnx_predictor, open_session
 from stages.train import to_tensor
 
 FAMILIES = {"knn": "feature space (Sun et al. 2022, deep nearest neighbours)",
@@ -86,7 +86,6 @@ class GuardNet(nn.Module):
         return score, score > self.threshold
 
 
-@torch.no_grad()
 def calibrated_threshold(scores: np.ndarray, fpr: float) -> float:
     """The lowest threshold that flags at most `fpr` of these (clean) scores: flag = score > threshold."""
     s = np.sort(scores)
@@ -99,8 +98,6 @@ def build_guard(params: Params, models: dict[str, nn.Module], clean: Store, cali
                 device: torch.device) -> tuple[GuardNet, dict]:
     """Fit each detector on the clean training set, calibrate on the calibration split (never trained on)."""
     dp = params.detect
-    for m in models.values():
-        m.eval()
     x_clean, y_clean = to_tensor(clean.x, device), torch.from_numpy(clean.labels).to(device)
     fitted = {name: features(m, x_clean) for name, m in models.items()}
     heads, described = [], []
@@ -117,10 +114,9 @@ def build_guard(params: Params, models: dict[str, nn.Module], clean: Store, cali
         described.append({"detector": detector, "model": source, "family": FAMILIES[detector]})
     guard = GuardNet(models, heads).to(device).eval()
     x_cal = to_tensor(calibration.x, device)
-    raw = guard.z_scores(x_cal)  # centre 0, scale 1 so far: the raw scores
-    guard.centre.copy_(raw.median(dim=0).values)
-    mad = (raw - guard.centre).abs().median(dim=0).values * 1.4826
-    guard.scale.copy_(mad.clamp_min(1e-6))
+    centre, spread = median_mad(guard.z_scores(x_cal))  # centre 0, scale 1 so far: the raw scores
+    guard.centre.copy_(centre)
+    guard.scale.copy_(spread.clamp_min(1e-6))
     score = guard(x_cal)[0].cpu().numpy()
     threshold = calibrated_threshold(score, dp.guard_fpr)
     guard.threshold.fill_(threshold)
@@ -150,24 +146,14 @@ def export_guard(guard: GuardNet, image_shape: tuple[int, int, int], path: Path,
 
 def onnx_guard(path: Path, batch_size: int = 512):
     """uint8 N x H x W x C -> (score, flag), through onnxruntime, with the file's metadata."""
-    import onnxruntime as ort
-
-    try:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as err:  # noqa: BLE001 - missing, truncated or foreign file: one meaning
-        raise SanitizeError(f"{path}: not a loadable ONNX guard ({type(err).__name__}); run `dvc repro` "
-                            "(the export stage writes it)") from None
+    sess = open_session(path, "guard")
     meta = dict(sess.get_modelmeta().custom_metadata_map)
 
     def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        scores, flags = [], []
-        for i in range(0, len(images), batch_size):
-            x = images[i:i + batch_size].transpose(0, 3, 1, 2).astype(np.float32) / 255.0
-            s, f = sess.run(["score", "flag"], {"input": x})
-            scores.append(s)
-            flags.append(f)
-        if not scores:
+        parts = [sess.run(["score", "flag"], {"input": x}) for x in input_batches(images, batch_size)]
+        if not parts:
             return np.empty(0, np.float32), np.empty(0, bool)
+        scores, flags = zip(*parts)
         return np.concatenate(scores), np.concatenate(flags)
 
     return run, meta
@@ -175,11 +161,11 @@ def onnx_guard(path: Path, batch_size: int = 512):
 
 def read_image(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
     """An image file as uint8 H x W x C in the model's shape, or a SanitizeError naming the file."""
-    from stages.sources import _open_image
+    from stages.sources import open_image
 
     if not path.is_file():
         raise SanitizeError(f"{path}: no such image file")
-    arr, _ = _open_image(path)
+    arr, _ = open_image(path)
     h, w, c = shape
     if arr.shape[2] != c and c == 3:
         arr = np.repeat(arr, 3, axis=2)  # a grayscale image given to an RGB model
@@ -198,8 +184,6 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--model", type=Path, default=paths.ONNX_MODEL)
     ap.add_argument("--guard", type=Path, default=paths.GUARD_ONNX)
     args = ap.parse_args(argv)
-
-    from stages.gate import onnx_predictor
 
     guard, meta = onnx_guard(args.guard)
     shape = tuple(json.loads(meta.get("image_shape", "null")) or ())

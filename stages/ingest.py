@@ -171,5 +171,5 @@ def run(params: Params) -> None:
         "redteam_poisoned": sum(1 for row in truth_rows if row[-1] == "backdoor"),
         "redteam_noise_mode": sum(1 for row in truth_rows if row[-1] == "noise"),
     })
-    print(f"[ingest] {len(train)} train / {len(test)} test / {len(calibration)} calibration samples, {len(class_names)} classes, "
-          f"{len(truth_rows)} modified by the red team ({rt.attack})", file=sys.stderr)
+    print(f"[ingest] {len(train)} train / {len(test)} test / {len(calibration)} calibration samples, "
+          f"{len(class_names)} classes, {len(truth_rows)} modified by the red team ({rt.attack})", file=sys.stderr)

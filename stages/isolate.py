@@ -189,13 +189,13 @@ def fused_suspicion(history: np.ndarray, signals: dict[str, np.ndarray], names: 
 def choose(history: np.ndarray, store: Store, p: IsolateParams, fused: np.ndarray | None = None):
     """(isolated indices, the score they were ranked by (low = suspicious), a report of the rule), per
     `isolate.selection`; `fused` (from `fused_suspicion`) replaces the loss as the ranking."""
-    base = history[:, -1] if p.selection == "ratio" else suspicion_score(history)
-    rank_by = base if fused is None else fused
+    suspicion = suspicion_score(history)
+    rank_by = fused if fused is not None else history[:, -1] if p.selection == "ratio" else suspicion
     if p.ratio == 0:
         return np.empty(0, dtype=np.int64), rank_by, {"rule": "off (isolate.ratio: 0)"}
     if p.selection == "ratio":
         return lowest(rank_by, store.ids, p.ratio), rank_by, {"rule": "ratio"}
-    isolated, report = adaptive_selection(suspicion_score(history), store.labels, store.ids, p, rank_by)
+    isolated, report = adaptive_selection(suspicion, store.labels, store.ids, p, rank_by)
     return isolated, rank_by, report
 
 
@@ -241,14 +241,18 @@ def run(params: Params) -> None:
     write_csv(paths.PLOTS / "isolate_loss.csv", ["epoch", "isolated", "kept"], [
         (e + 1, round(float(history[is_isolated, e].mean()), 6) if is_isolated.any() else "",
          round(float(history[kept, e].mean()), 6)) for e in range(history.shape[1])])
+    def log_cut(v: float) -> str:
+        return f"cut: loss {10 ** v:.2g}"
+
     if fused is not None:
         isolation_plots(history, score, "fused score: minus the mean robust z of loss and detectors", isolated,
                         paths.PLOTS)
-    else:
-        floor = LOG_FLOOR if params.isolate.selection == "ratio" else 0.0  # the adaptive score is a log already
-        log10 = np.log10(score + floor) if floor else score / np.log(10)
-        isolation_plots(history, log10, "log10 " + ("loss at the last epoch" if floor else "loss, geometric mean over "
-                        "the isolation epochs"), isolated, paths.PLOTS, lambda v: f"cut: loss {10 ** v:.2g}")
+    elif params.isolate.selection == "ratio":
+        isolation_plots(history, np.log10(score + LOG_FLOOR), "log10 loss at the last epoch", isolated, paths.PLOTS,
+                        log_cut)
+    else:  # the mean log-loss: a log already
+        isolation_plots(history, score / np.log(10), "log10 loss, geometric mean over the isolation epochs", isolated,
+                        paths.PLOTS, log_cut)
     metrics = isolation_metrics(store, isolated)
     write_json(paths.metrics_file("isolate"), {"device": device.type, "selection": rule, **metrics,
                                                 "detectors": list(signals), "fusion": dp.fusion,

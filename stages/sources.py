@@ -226,7 +226,7 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
-def _open_image(path: Path) -> tuple[np.ndarray, str]:
+def open_image(path: Path) -> tuple[np.ndarray, str]:
     from PIL import Image
 
     try:
@@ -270,7 +270,7 @@ def _read_image_split(split_dir: Path, root: Path, class_names: list[str]) -> tu
                 raise SanitizeError(f"{f}: nested folders are not supported; put images directly in {class_dir}")
             if f.suffix.lower() not in IMAGE_SUFFIXES:
                 raise SanitizeError(f"{f}: not a .png/.jpg/.jpeg file; remove it or move it out of {root}")
-            arr, mode = _open_image(f)
+            arr, mode = open_image(f)
             if mode not in ("L", "RGB"):
                 converted.append(f"{rel} ({mode})")
             images.append(arr), labels.append(label), ids.append(rel)

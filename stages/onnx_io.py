@@ -1,0 +1,37 @@
+"""Running the exported ONNX files (the model and its guard) with onnxruntime alone, as users will."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from stages.errors import SanitizeError
+
+
+def open_session(path: Path, what: str):
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - missing, truncated or foreign file: one meaning
+        raise SanitizeError(f"{path}: not a loadable ONNX {what} ({type(err).__name__}); run `dvc repro` "
+                            "(the export stage writes it)") from None
+
+
+def input_batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """uint8 N x H x W x C -> the graphs' input, float32 [n, C, H, W] in [0, 1], a batch at a time."""
+    for i in range(0, len(images), batch_size):
+        yield images[i:i + batch_size].transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+
+
+def onnx_predictor(path: Path, batch_size: int = 512) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 N x H x W x C -> predicted labels, through onnxruntime."""
+    sess = open_session(path, "model")
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        out = [sess.run(["logits"], {"input": x})[0].argmax(axis=1) for x in input_batches(images, batch_size)]
+        return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
+
+    return predict
