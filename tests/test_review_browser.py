@@ -117,7 +117,8 @@ def test_keyboard_review_export_import_and_repro_move_exactly_those_samples(brow
     assert imported.returncode == 0, imported.stderr
     assert "dvc repro" in imported.stdout
 
-    repro = run_cmd([sys.executable, "-m", "dvc", "repro"], project)
+    # Up to quarantine, where the samples move (the stages after it only retrain on the new split).
+    repro = run_cmd([sys.executable, "-m", "dvc", "repro", "quarantine"], project)
     assert repro.returncode == 0, repro.stdout[-2000:] + repro.stderr[-2000:]
     assert "Stage 'ingest' didn't change" in repro.stdout and "Stage 'isolate' didn't change" in repro.stdout
     assert "Running stage 'quarantine'" in repro.stdout
