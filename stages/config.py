@@ -121,9 +121,11 @@ class DetectParams(Section):
         "summed). Measured (CIFAR-10 subset, PGD eps 8/255 on the released model, TPR at 5% FPR): last 0.75, all 0.42"
     )
     guard: list[GuardDetector] = Field(
-        ["knn@isolation", "mahalanobis@released"], min_length=1, description="detectors of the inference guard "
-        "(models/guard.onnx), each on the isolation checkpoint (which learned the trigger on purpose) or on the "
-        "released model; the guard's score is the largest of their calibrated z-scores"
+        ["mahalanobis@isolation", "mahalanobis@released"], min_length=1, description="detectors of the inference "
+        "guard (models/guard.onnx), each on the isolation checkpoint (which learned the trigger on purpose: it catches "
+        "triggered inputs) or on the released model (adversarial examples); the guard's score is the largest of their "
+        "calibrated z-scores. Measured on the CIFAR-10 subset, TPR at 5% FPR: BadNets 5% 0.90 (knn@isolation instead: "
+        "0.12), PGD 0.70"
     )
     guard_fpr: float = Field(0.05, gt=0, lt=1, description="false-positive rate the guard's threshold is "
                              "calibrated to, on the clean calibration split")

@@ -87,7 +87,8 @@ def test_pipeline_writes_detector_scores_and_a_calibrated_guard(pipeline):
     guard, meta = onnx_guard(pipeline / "models/guard.onnx")
     calibration = load_store(pipeline / "data/ingested/calibration.npz")
     assert meta["calibration_hash"] == store_hash(calibration)
-    assert {d["detector"] for d in json.loads(meta["detectors"])} == {"knn", "mahalanobis"}
+    assert [(d["detector"], d["model"]) for d in json.loads(meta["detectors"])] == \
+        [("mahalanobis", "isolation"), ("mahalanobis", "released")]
     score, flag = guard(calibration.x)
     assert flag.mean() <= 0.05 and np.array_equal(flag, score > float(meta["threshold"]))
     for batch in (1, 7):  # dynamic batch axis
