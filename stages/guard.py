@@ -87,10 +87,13 @@ class GuardNet(nn.Module):
 
 
 def calibrated_threshold(scores: np.ndarray, fpr: float) -> float:
-    """The lowest threshold that flags at most `fpr` of these (clean) scores: flag = score > threshold."""
+    """A threshold that flags at most `fpr` of these (clean) scores (flag = score > threshold): halfway
+    between the last score kept and the first flagged, so that onnxruntime's rounding (relative 1e-4) of
+    a calibration image's score cannot move it across."""
     s = np.sort(scores)
     allowed = int(np.floor(fpr * len(s)))
-    return float(s[len(s) - allowed - 1])
+    kept = s[len(s) - allowed - 1]
+    return float(kept if allowed == 0 else (kept + s[len(s) - allowed]) / 2)
 
 
 @torch.no_grad()

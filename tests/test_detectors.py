@@ -31,7 +31,8 @@ def test_auroc_and_calibrated_threshold():
     assert auroc(torch.tensor([1.0]), torch.tensor([1.0])) == 0.5
     scores = np.random.default_rng(1).normal(size=1000)
     threshold = calibrated_threshold(scores, 0.05)
-    assert np.mean(scores > threshold) <= 0.05 and np.mean(scores >= threshold) > 0.05
+    top = np.sort(scores)[-51:]  # flagging 50 of 1,000 is 5%: the cut falls between the 51st and 50th largest
+    assert np.sum(scores > threshold) == 50 and top[0] < threshold < top[1]
 
 
 def test_feature_and_activation_detectors_rank_the_planted_outliers_first():
