@@ -125,7 +125,7 @@ class DetectParams(Section):
         "guard (models/guard.onnx), each on the isolation checkpoint (which learned the trigger on purpose: it catches "
         "triggered inputs) or on the released model (adversarial examples); the guard's score is the largest of their "
         "calibrated z-scores. Measured on the CIFAR-10 subset, TPR at 5% FPR: BadNets 5% 0.90 (knn@isolation instead: "
-        "0.12), PGD 0.70"
+        "0.12), PGD 0.65 (bench/results/guard.md)"
     )
     guard_fpr: float = Field(0.05, gt=0, lt=1, description="false-positive rate the guard's threshold is "
                              "calibrated to, on the clean calibration split")
