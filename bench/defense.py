@@ -150,7 +150,8 @@ def isolation_quality(isolated: np.ndarray, backdoor: np.ndarray) -> tuple[float
 
 def run_task(task: tuple) -> tuple[list[dict], list[dict], dict | None]:
     """One unit of work: (dataset, attack, rate, kind), kind "none", "oracle", "defenses" or "adversarial"
-    (a clean training set; FGSM and PGD on the released model). Returns (defense rows, guard rows)."""
+    (a clean training set; FGSM and PGD on the released model). Returns (defense rows, guard rows, the
+    guard's cost or None)."""
     dataset, attack, rate, kind, defenses, threads = task
     torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -10,8 +10,9 @@ in [0, 1], on the model's device) and, where needed, statistics fitted on data:
 - activation space: `mahalanobis` (Lee et al. 2018): distance of a conv stage's pooled activations to
   the nearest class under a class-conditional Gaussian with one shared covariance;
 - feature space: `spectral` (Tran et al. 2018, spectral signatures): within a class, poisoned samples
-  lie along the top singular direction of the centred penultimate features; and `knn` (Sun et al. 2022):
-  distance of the normalised penultimate feature to its k-th nearest clean neighbour.
+  lie along the top singular direction of the centred penultimate features; and k-NN (Sun et al. 2022):
+  `kth_distance` of the normalised penultimate feature to clean neighbours (the guard's `knn`), or
+  within the label on the training set (`knn_density`).
 
 Used twice: on the training set by isolate (fused isolation, extra evidence) and, through stages/guard.py,
 on inputs of the released model at inference time.
@@ -128,13 +129,6 @@ def kth_distance(feats: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tenso
     f = F.normalize(feats, dim=1)
     squared = (2 - 2 * f @ bank.T).clamp_min(0)
     return squared.topk(k, dim=1, largest=False).values[:, -1].sqrt()
-
-
-def knn(feats: torch.Tensor, bank_feats: torch.Tensor, k: int = 10) -> torch.Tensor:
-    """Deep nearest neighbours (Sun et al., ICML 2022): distance from the normalised penultimate feature
-    to its k-th nearest neighbour in a bank of clean features; far from every clean sample = suspicious."""
-    bank = F.normalize(bank_feats, dim=1)
-    return in_batches(lambda f: kth_distance(f, bank, min(k, len(bank))), feats)
 
 
 def knn_density(feats: torch.Tensor, labels: torch.Tensor, k: int = 20) -> torch.Tensor:

@@ -41,12 +41,11 @@ def isolation_plots(history: np.ndarray, score: np.ndarray, xlabel: str, isolate
     paths = [out_dir / "isolate_loss_distribution.png", out_dir / "isolate_loss_curves.png"]
 
     plt, fig, ax = _figure()
-    final = score
-    bins = np.linspace(final.min(), final.max() + 1e-9, 60)
-    ax.hist(final[~is_isolated], bins=bins, color=KEPT_COLOR, alpha=0.7, label=f"kept ({(~is_isolated).sum()})")
+    bins = np.linspace(score.min(), score.max() + 1e-9, 60)
+    ax.hist(score[~is_isolated], bins=bins, color=KEPT_COLOR, alpha=0.7, label=f"kept ({(~is_isolated).sum()})")
     if is_isolated.any():
-        ax.hist(final[is_isolated], bins=bins, color=ISOLATED_COLOR, alpha=0.8, label=f"isolated ({is_isolated.sum()})")
-        cut = final[is_isolated].max()
+        ax.hist(score[is_isolated], bins=bins, color=ISOLATED_COLOR, alpha=0.8, label=f"isolated ({is_isolated.sum()})")
+        cut = score[is_isolated].max()
         ax.axvline(cut, color="black", linestyle="--", linewidth=1, label=describe_cut(cut))
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
