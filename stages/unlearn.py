@@ -4,7 +4,8 @@ Continue from the isolation checkpoint: fine-tune on the clean set with cross-en
 the quarantined suspects, which breaks the trigger -> target link: plain ABL gradient ascent
 (`unlearn.mode: ascent`), or the joint mode (default), where every clean batch also pushes the
 suspects away from their label. A held-out share of the clean set watches clean accuracy;
-unlearning stops and rolls back when it drops by more than `unlearn.max_accuracy_drop`.
+an epoch after which it dropped by more than `unlearn.max_accuracy_drop` is rolled back and retried at
+half the learning rate (`unlearn.retries` times), then unlearning stops.
 """
 
 from __future__ import annotations
@@ -66,9 +67,9 @@ def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list,
     anchors = torch.nonzero(y == target).flatten() if up.anchor else None
     opt = torch.optim.SGD(model.parameters(), lr=up.lr, momentum=params.train.momentum)
     progress = Progress(f"unlearn:{up.mode}", up.epochs, len(y) if up.mode == "joint" else len(yq))
-    epochs_run, rolled_back = 0, False
-    for epoch in range(up.epochs):
-        previous = copy.deepcopy(model.state_dict())
+    epochs_run, rolled_back, retries_left = 0, False, up.retries
+    while epochs_run < up.epochs:
+        previous, previous_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
         if up.mode == "joint":
             loss, suspect_loss = joint_unlearn_epoch(model, opt, x, y, xq, yq, up.weight, params.train.batch_size, gen,
                                                       up.suspects_per_batch, anchors)
@@ -77,23 +78,35 @@ def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list,
             suspect_loss = -train_epoch(model, opt, xq, yq, lambda l: -l.mean(), up.batch_size, gen, freeze_bn=True)
             loss = suspect_loss
         acc = accuracy(model, x_val[guard], y_val[guard])
-        curve.append({"phase": up.mode, "epoch": epoch + 1, "loss": loss, "clean_accuracy": accuracy(model, x_val, y_val),
-                      **(watch(model) if watch else {})})
         obeyed = accuracy(model, xq, yq)
-        progress.epoch(epoch + 1, loss=loss, suspect_loss=suspect_loss, guard_accuracy=acc, suspects_obeyed=obeyed)
         if baseline - acc > up.max_accuracy_drop:
             model.load_state_dict(previous)
-            rolled_back = True
-            print(f"[unlearn] guard accuracy fell {baseline - acc:.3f} below {baseline:.3f}: "
-                  f"rolled back epoch {epoch + 1} and stopped", file=sys.stderr)
-            break
-        epochs_run = epoch + 1
+            opt.load_state_dict(previous_opt)
+            lr = opt.param_groups[0]["lr"]
+            if not retries_left:
+                rolled_back = True
+                print(f"[unlearn] guard accuracy fell {baseline - acc:.3f} below {baseline:.3f} at lr {lr:g}: "
+                      f"rolled back epoch {epochs_run + 1} and stopped", file=sys.stderr)
+                break
+            # One noisy epoch at this lr is not proof that unlearning cannot work: a smaller step often
+            # can (measured on the CIFAR-10 subset, blend 10%: stopping at the first drop left ASR 1.0).
+            retries_left -= 1
+            for group in opt.param_groups:
+                group["lr"] = lr / 2
+            print(f"[unlearn] guard accuracy fell {baseline - acc:.3f} below {baseline:.3f} at lr {lr:g}: "
+                  f"rolled back epoch {epochs_run + 1}, retrying at lr {lr / 2:g}", file=sys.stderr)
+            continue
+        epochs_run += 1
+        curve.append({"phase": up.mode, "epoch": epochs_run, "loss": loss, "clean_accuracy": accuracy(model, x_val, y_val),
+                      **(watch(model) if watch else {})})
+        progress.epoch(epochs_run, loss=loss, suspect_loss=suspect_loss, guard_accuracy=acc, suspects_obeyed=obeyed)
         # Unlearned: the model no longer maps the suspects to their label. Going on only erodes the
         # implicated class's clean samples, which share features with the suspects (measured on digits:
         # test accuracy of class 0 fell from 0.99 to 0.69 over two more epochs with ASR already 0).
         if obeyed <= up.stop_at:
             break
-    return {"unlearn_epochs_run": epochs_run, "rolled_back": rolled_back, "implicated_class": target,
+    return {"unlearn_epochs_run": epochs_run, "rolled_back": rolled_back, "retries_used": up.retries - retries_left,
+            "final_lr": opt.param_groups[0]["lr"], "implicated_class": target,
             "suspects_obeyed": round(accuracy(model, xq, yq), 4),
             "guard_accuracy_before": round(baseline, 4), "guard_accuracy_after": round(accuracy(model, x_val[guard], y_val[guard]), 4)}
 

@@ -10,8 +10,9 @@ import torch
 
 from conftest import stage_cli
 from stages.config import Params
-from stages.detectors import auroc, fit_gaussians, knn_density, mahalanobis, spectral, strip
-from stages.guard import calibrated_threshold
+from stages.detectors import auroc, fit_gaussians, kth_distance, knn_density, mahalanobis, spectral, strip
+from stages.errors import SanitizeError
+from stages.guard import QuarantineKnnHead, build_guard, calibrated_threshold
 from stages.isolate import kittler_split, otsu_split
 
 
@@ -48,6 +49,40 @@ def test_feature_and_activation_detectors_rank_the_planted_outliers_first():
     g = fit_gaussians([feats[~truth]], labels[~truth], 1)
     m = mahalanobis([feats], g)
     assert auroc(m[truth], m[~truth]) > 0.95
+
+
+def test_quarantine_knn_scores_inputs_beside_the_suspects_above_clean_ones():
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.randn(400, 16, generator=gen)
+    poison_direction = 6 * torch.eye(16)[0]
+    suspects = poison_direction + 0.1 * torch.randn(20, 16, generator=gen)  # where the isolation model put the poison
+    head = QuarantineKnnHead(clean, suspects, k_clean=10, k_suspects=5)
+    new_clean = torch.randn(100, 16, generator=gen)
+    triggered = poison_direction + 0.3 * torch.randn(100, 16, generator=gen)
+    score = lambda f: head([f])  # the head reads the last of the model's activations
+    assert auroc(score(triggered), score(new_clean)) == 1.0
+    # The clean distance alone barely tells them apart (features are compared by angle, and e0 is as
+    # near the clean cloud as any direction): the quarantined neighbours make the difference.
+    alone = lambda f: kth_distance(f, torch.nn.functional.normalize(clean, dim=1), 10)
+    assert auroc(alone(triggered), alone(new_clean)) < 0.8
+
+
+def test_guard_leaves_quarantine_knn_out_when_nothing_is_quarantined():
+    from stages.data import make_store
+    from stages.models import build_model, model_spec
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (60, 8, 8, 1), dtype=np.uint8), np.arange(60) % 3
+    store = lambda idx: make_store(images[idx], labels[idx], [str(i) for i in idx], ["a", "b", "c"])
+    model = build_model(model_spec((8, 8, 1), 3, 8, [0.5], [0.25])).eval()
+    models, empty = {"released": model, "isolation": model}, store(np.arange(0))
+    params = Params.model_validate({"detect": {"guard": ["quarantine_knn@isolation", "mahalanobis@released"]}})
+    guard, report = build_guard(params, models, store(np.arange(40)), empty, store(np.arange(40, 60)), torch.device("cpu"))
+    assert report["left_out"] == ["quarantine_knn@isolation"]
+    assert [d["detector"] for d in report["detectors"]] == ["mahalanobis"] and len(guard.heads) == 1
+    only = Params.model_validate({"detect": {"guard": ["quarantine_knn@isolation"]}})
+    with pytest.raises(SanitizeError, match="quarantine is empty"):
+        build_guard(only, models, store(np.arange(40)), empty, store(np.arange(40, 60)), torch.device("cpu"))
 
 
 def test_strip_flags_inputs_that_keep_their_prediction_under_blending():
@@ -89,7 +124,7 @@ def test_pipeline_writes_detector_scores_and_a_calibrated_guard(pipeline):
     calibration = load_store(pipeline / "data/ingested/calibration.npz")
     assert meta["calibration_hash"] == store_hash(calibration)
     assert [(d["detector"], d["model"]) for d in json.loads(meta["detectors"])] == \
-        [("mahalanobis", "isolation"), ("mahalanobis", "released")]
+        [("quarantine_knn", "isolation"), ("mahalanobis", "released")]
     score, flag = guard(calibration.x)
     assert flag.mean() <= 0.05 and np.array_equal(flag, score > float(meta["threshold"]))
     for batch in (1, 7):  # dynamic batch axis
