@@ -72,7 +72,8 @@ DEFENSES = {
     "fused": {"isolate": {"selection": "adaptive"}, "unlearn": {"mode": "joint"}},
 }
 DETECTORS = ["strip", "mahalanobis", "spectral", "knn_density"]  # each alone: rows "detector:<name>" (isolation only)
-GUARD_ALTERNATIVES = ["mahalanobis@isolation", "knn@isolation", "knn@released"]  # guard rows for comparison, not shipped by default
+# Guard rows for comparison, not shipped by default.
+GUARD_ALTERNATIVES = ["mahalanobis@isolation", "knn@isolation", "knn@released"]
 GUARD_KEYS = ["dataset", "attack", "poison_rate", "detector", "tpr", "fpr", "auroc", "threshold", "seconds"]
 
 
@@ -126,7 +127,7 @@ def train_standard(params: Params, store: Store, device) -> torch.nn.Module:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     gen = torch.Generator(device=device).manual_seed(params.seed)
     for _ in range(epochs):
-        train_epoch(model, opt, x, y, lambda l: l.mean(), params.train.batch_size, gen,
+        train_epoch(model, opt, x, y, lambda losses: losses.mean(), params.train.batch_size, gen,
                     params.train.crop_padding, params.train.flip)
         sched.step()
     return model

@@ -148,7 +148,7 @@ def train_lga(params: Params, store: Store, device: torch.device):
     history = np.zeros((len(store), ip.epochs), dtype=np.float32)
     progress = Progress("isolate", ip.epochs, len(store))
     for epoch in range(ip.epochs):
-        train_loss = train_epoch(model, opt, x, y, lambda l: lga_loss(l, ip.gamma), tp.batch_size, gen,
+        train_loss = train_epoch(model, opt, x, y, lambda losses: lga_loss(losses, ip.gamma), tp.batch_size, gen,
                                  tp.crop_padding if ip.augment else 0, tp.flip and ip.augment)
         history[:, epoch] = per_sample_losses(model, x, y).cpu().numpy()
         progress.epoch(epoch + 1, lga_loss=train_loss, mean_loss=float(history[:, epoch].mean()))

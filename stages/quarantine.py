@@ -39,14 +39,16 @@ def read_decisions(path: Path, suspects: set[str]) -> dict[str, tuple[str, str]]
                 raise SanitizeError(f"{path}: missing column(s) {missing}; the header must be {','.join(DECISION_COLUMNS)}")
             rows = list(reader)
     except (UnicodeDecodeError, csv.Error) as err:
-        raise SanitizeError(f"{path}: not a readable UTF-8 CSV ({err}); header must be {','.join(DECISION_COLUMNS)}") from None
+        raise SanitizeError(f"{path}: not a readable UTF-8 CSV ({err}); "
+                            f"header must be {','.join(DECISION_COLUMNS)}") from None
     decisions: dict[str, tuple[str, str]] = {}
     for line, row in enumerate(rows, start=2):
         sample_id, decision = (row.get("id") or "").strip(), (row.get("decision") or "").strip().lower()
         if sample_id in decisions:
             raise SanitizeError(f"{path}:{line}: id {sample_id!r} appears twice; keep one row per sample")
         if decision not in DECISIONS:
-            raise SanitizeError(f"{path}:{line}: decision {row.get('decision')!r} for {sample_id!r} is not one of {DECISIONS}")
+            raise SanitizeError(f"{path}:{line}: decision {row.get('decision')!r} for {sample_id!r} "
+                                f"is not one of {DECISIONS}")
         if sample_id not in suspects:
             raise SanitizeError(f"{path}:{line}: id {sample_id!r} is not among the isolated suspects; "
                                 "remove the row (see data/isolate/isolated.csv for the suspects)")

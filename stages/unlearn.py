@@ -39,7 +39,7 @@ def finetune(model, params: Params, x, y, x_val, y_val, gen, curve: list, watch=
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(up.finetune_epochs, 1))
     progress = Progress("unlearn:finetune", up.finetune_epochs, len(y))
     for epoch in range(up.finetune_epochs):
-        loss = train_epoch(model, opt, x, y, lambda l: l.mean(), tp.batch_size, gen, tp.crop_padding, tp.flip)
+        loss = train_epoch(model, opt, x, y, lambda losses: losses.mean(), tp.batch_size, gen, tp.crop_padding, tp.flip)
         sched.step()
         acc = accuracy(model, x_val, y_val)
         curve.append({"phase": "finetune", "epoch": epoch + 1, "loss": loss, "clean_accuracy": acc,
@@ -75,7 +75,8 @@ def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list,
                                                       up.suspects_per_batch, anchors)
         else:
             # Minimising -CE is ascent on the suspects' loss (ABL eq. 5); BN keeps its running statistics.
-            suspect_loss = -train_epoch(model, opt, xq, yq, lambda l: -l.mean(), up.batch_size, gen, freeze_bn=True)
+            suspect_loss = -train_epoch(model, opt, xq, yq, lambda losses: -losses.mean(), up.batch_size, gen,
+                                        freeze_bn=True)
             loss = suspect_loss
         acc = accuracy(model, x_val[guard], y_val[guard])
         obeyed = accuracy(model, xq, yq)
@@ -108,7 +109,8 @@ def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list,
     return {"unlearn_epochs_run": epochs_run, "rolled_back": rolled_back, "retries_used": up.retries - retries_left,
             "final_lr": opt.param_groups[0]["lr"], "implicated_class": target,
             "suspects_obeyed": round(accuracy(model, xq, yq), 4),
-            "guard_accuracy_before": round(baseline, 4), "guard_accuracy_after": round(accuracy(model, x_val[guard], y_val[guard]), 4)}
+            "guard_accuracy_before": round(baseline, 4),
+            "guard_accuracy_after": round(accuracy(model, x_val[guard], y_val[guard]), 4)}
 
 
 def sanitize(model, params: Params, clean: Store, quarantined: Store, device: torch.device,

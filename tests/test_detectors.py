@@ -59,12 +59,11 @@ def test_quarantine_knn_scores_inputs_beside_the_suspects_above_clean_ones():
     head = QuarantineKnnHead(clean, suspects, k_clean=10, k_suspects=5)
     new_clean = torch.randn(100, 16, generator=gen)
     triggered = poison_direction + 0.3 * torch.randn(100, 16, generator=gen)
-    score = lambda f: head([f])  # the head reads the last of the model's activations
-    assert auroc(score(triggered), score(new_clean)) == 1.0
+    assert auroc(head([triggered]), head([new_clean])) == 1.0  # the head reads the last of the activations
     # The clean distance alone barely tells them apart (features are compared by angle, and e0 is as
     # near the clean cloud as any direction): the quarantined neighbours make the difference.
-    alone = lambda f: kth_distance(f, torch.nn.functional.normalize(clean, dim=1), 10)
-    assert auroc(alone(triggered), alone(new_clean)) < 0.8
+    bank = torch.nn.functional.normalize(clean, dim=1)
+    assert auroc(kth_distance(triggered, bank, 10), kth_distance(new_clean, bank, 10)) < 0.8
 
 
 def test_guard_leaves_quarantine_knn_out_when_nothing_is_quarantined():
@@ -73,7 +72,10 @@ def test_guard_leaves_quarantine_knn_out_when_nothing_is_quarantined():
 
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, (60, 8, 8, 1), dtype=np.uint8), np.arange(60) % 3
-    store = lambda idx: make_store(images[idx], labels[idx], [str(i) for i in idx], ["a", "b", "c"])
+
+    def store(idx):
+        return make_store(images[idx], labels[idx], [str(i) for i in idx], ["a", "b", "c"])
+
     model = build_model(model_spec((8, 8, 1), 3, 8, [0.5], [0.25])).eval()
     models, empty = {"released": model, "isolation": model}, store(np.arange(0))
     params = Params.model_validate({"detect": {"guard": ["quarantine_knn@isolation", "mahalanobis@released"]}})

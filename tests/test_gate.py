@@ -22,7 +22,9 @@ def test_attack_success_rate_counts_only_non_target_images():
     def says_target_when_patched(x):  # a perfectly backdoored "model": the patch decides
         return np.where(x[:, -1, -1, 0] == 255, 0, 1)
 
-    trig = lambda x: badnets(x, RedteamParams())
+    def trig(x):
+        return badnets(x, RedteamParams())
+
     assert gate.attack_success_rate(says_target_when_patched, images, labels, trig, target=0) == 1.0
     assert gate.attack_success_rate(says_target_when_patched, images, labels, lambda x: x, target=0) == 0.0
 

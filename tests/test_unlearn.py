@@ -1,0 +1,58 @@
+"""Unlearning's clean-accuracy check: a damaging epoch is rolled back, retried at half the learning rate,
+and unlearning stops when the retries are spent."""
+
+from __future__ import annotations
+
+import torch
+
+import stages.unlearn as unlearn_stage
+from stages.config import Params
+
+
+def bright_pixel_data(n_per_class: int = 20):
+    """Class c lights pixel c of a 1 x 1 x 3 image; a linear model reading pixel c is exactly right."""
+    x = torch.zeros(3 * n_per_class, 3, 1, 1)
+    y = torch.arange(3).repeat_interleave(n_per_class)
+    x[torch.arange(len(y)), y] = 1.0
+    return x, y
+
+
+def perfect_model() -> torch.nn.Module:
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3, 3, bias=False))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.eye(3))
+    return model
+
+
+def run_unlearn(monkeypatch, retries: int, harmful_from_lr: float):
+    """An epoch that wrecks the model when the learning rate is at least `harmful_from_lr` and changes
+    nothing below it; the suspects (class-1 images labelled 0) are never classified as 0, so one kept
+    epoch ends unlearning."""
+    def epoch(model, opt, *args, **kwargs):
+        if opt.param_groups[0]["lr"] >= harmful_from_lr:
+            with torch.no_grad():
+                model[1].weight.neg_()
+        return 0.0, 0.0
+
+    monkeypatch.setattr(unlearn_stage, "joint_unlearn_epoch", epoch)
+    params = Params.model_validate({"unlearn": {"lr": 0.002, "retries": retries, "epochs": 3}})
+    x, y = bright_pixel_data()
+    xq, yq = x[y == 1][:5], torch.zeros(5, dtype=torch.long)
+    model = perfect_model()
+    report = unlearn_stage.unlearn(model, params, xq, yq, x, y, x, y, torch.Generator(), [])
+    return model, report
+
+
+def test_a_damaging_epoch_is_rolled_back_and_retried_at_half_the_learning_rate(monkeypatch):
+    model, report = run_unlearn(monkeypatch, retries=2, harmful_from_lr=0.002)
+    assert report["retries_used"] == 1 and report["final_lr"] == 0.001
+    assert not report["rolled_back"] and report["unlearn_epochs_run"] == 1
+    assert torch.equal(model[1].weight, torch.eye(3))  # the wrecked epoch left nothing behind
+
+
+def test_unlearning_stops_when_the_retries_are_spent(monkeypatch):
+    model, report = run_unlearn(monkeypatch, retries=2, harmful_from_lr=0.0)  # every epoch wrecks the model
+    assert report["rolled_back"] and report["retries_used"] == 2 and report["unlearn_epochs_run"] == 0
+    assert report["guard_accuracy_after"] == report["guard_accuracy_before"] == 1.0
+    _, no_retry = run_unlearn(monkeypatch, retries=0, harmful_from_lr=0.002)
+    assert no_retry["rolled_back"] and no_retry["retries_used"] == 0 and no_retry["final_lr"] == 0.002
