@@ -132,6 +132,11 @@ class DetectParams(Section):
     )
     guard_fpr: float = Field(0.05, gt=0, lt=1, description="false-positive rate the guard's threshold is "
                              "calibrated to, on the clean calibration split")
+    guard_confidence: float = Field(
+        0.9, ge=0.5, lt=1, description="the guard's false-positive rate is at most guard_fpr with this probability, "
+        "judged from the clean calibration split (a binomial bound: more calibration images, less margin); 0.5: the "
+        "plain 95th percentile, whose FPR on new images exceeds guard_fpr about half the time"
+    )
     knn_k: int = Field(10, ge=1, le=1000, description="guard knn, quarantine_knn: clean neighbour whose distance is "
                        "the score")
     knn_bank: int = Field(2000, ge=10, le=100000, description="guard knn, quarantine_knn: clean training features "

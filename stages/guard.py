@@ -8,7 +8,8 @@ cost, and the guard can be recalibrated without touching the model. It takes the
 Each detector (params detect.guard) scores the input on one of two models: the released model, or the
 isolation checkpoint, which learned the trigger on purpose, so a triggered input lands where the poison
 did. Each score becomes a z-score against the clean calibration split (median, MAD); the guard's score is
-the largest, and its threshold is the one that flags `detect.guard_fpr` of that split. The threshold,
+the largest, and its threshold keeps the false-positive rate at most `detect.guard_fpr` with probability
+`detect.guard_confidence` (`calibrated_threshold`), judged on that split. The threshold,
 the calibration data's hash and the detectors are in the file's metadata.
 
 `python -m stages guard IMAGE... [--json]` prints each image's predicted class, score and verdict.
@@ -104,14 +105,25 @@ class GuardNet(nn.Module):
         return score, score > self.threshold
 
 
-def calibrated_threshold(scores: np.ndarray, fpr: float) -> float:
-    """A threshold that flags at most `fpr` of these (clean) scores (flag = score > threshold): halfway
-    between the last score kept and the first flagged, so that onnxruntime's rounding (relative 1e-4) of
-    a calibration image's score cannot move it across."""
+def calibrated_threshold(scores: np.ndarray, fpr: float, confidence: float = 0.5) -> float:
+    """A threshold (flag = score > threshold) under which the guard's true false-positive rate is at most
+    `fpr` with probability `confidence`, from these clean calibration scores.
+
+    Flagging the k highest of n calibration scores leaves a true FPR distributed as Beta(k + 1, n - k),
+    so P(FPR > fpr) = P(Binomial(n, fpr) <= k) (order statistics; Vovk 2012, training-conditional
+    conformal validity): k is the largest with that probability at most 1 - confidence (at least 0).
+    confidence 0.5 is about the plain (1 - fpr) quantile, whose FPR on new images overshoots half the time
+    (measured on the CIFAR-10 subset, 203 calibration images: test FPR above 0.06 in 30% of random splits).
+    The cut lies halfway between the last score kept and the first flagged, so that onnxruntime's rounding
+    (relative 1e-4) of a calibration image's score cannot move it across."""
+    from scipy.stats import binom
+
     s = np.sort(scores)
-    allowed = int(np.floor(fpr * len(s)))
-    kept = s[len(s) - allowed - 1]
-    return float(kept if allowed == 0 else (kept + s[len(s) - allowed]) / 2)
+    n = len(s)
+    allowed = int(np.searchsorted(binom.cdf(np.arange(n), n, fpr), 1 - confidence, side="right")) - 1
+    allowed = max(allowed, 0)
+    kept = s[n - allowed - 1]
+    return float(kept if allowed == 0 else (kept + s[n - allowed]) / 2)
 
 
 @torch.no_grad()
@@ -149,11 +161,12 @@ def build_guard(params: Params, models: dict[str, nn.Module], clean: Store, quar
     guard.centre.copy_(centre)
     guard.scale.copy_(spread.clamp_min(1e-6))
     score = guard(x_cal)[0].cpu().numpy()
-    threshold = calibrated_threshold(score, dp.guard_fpr)
+    threshold = calibrated_threshold(score, dp.guard_fpr, dp.guard_confidence)
     guard.threshold.fill_(threshold)
     for d, c, s in zip(described, guard.centre.tolist(), guard.scale.tolist()):
         d.update(centre=round(c, 6), scale=round(s, 6))
-    report = {"threshold": threshold, "target_fpr": dp.guard_fpr, "n_calibration": len(calibration),
+    report = {"threshold": threshold, "target_fpr": dp.guard_fpr, "confidence": dp.guard_confidence,
+              "n_calibration": len(calibration),
               "calibration_fpr": float(np.mean(score > threshold)), "calibration_hash": store_hash(calibration),
               "detectors": described, "left_out": [e for e in dp.guard if e not in entries]}
     return guard, report

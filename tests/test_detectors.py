@@ -31,9 +31,22 @@ def test_auroc_and_calibrated_threshold():
     assert auroc(torch.tensor([0.0]), torch.tensor([1.0])) == 0.0
     assert auroc(torch.tensor([1.0]), torch.tensor([1.0])) == 0.5
     scores = np.random.default_rng(1).normal(size=1000)
-    threshold = calibrated_threshold(scores, 0.05)
-    top = np.sort(scores)[-51:]  # flagging 50 of 1,000 is 5%: the cut falls between the 51st and 50th largest
-    assert np.sum(scores > threshold) == 50 and top[0] < threshold < top[1]
+    threshold = calibrated_threshold(scores, 0.05, confidence=0.5)
+    top = np.sort(scores)[-50:]  # Binomial(1000, 0.05) has median 50: 49 flagged keep P(FPR > 5%) under half
+    assert np.sum(scores > threshold) == 49 and top[0] < threshold < top[1]
+
+
+def test_calibrated_threshold_holds_its_false_positive_rate_with_the_confidence_asked():
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(2)
+    overshoot = {}
+    for confidence in (0.5, 0.9):
+        # The true FPR of each threshold, calibrated on 200 clean scores from N(0, 1).
+        fpr = np.array([norm.sf(calibrated_threshold(rng.normal(size=200), 0.05, confidence)) for _ in range(1000)])
+        overshoot[confidence] = np.mean(fpr > 0.05)
+    # Measured: 0.41 and 0.04 (k is whole, so the bound is a little cautious).
+    assert 0.3 < overshoot[0.5] <= 0.5 + 0.03 and overshoot[0.9] <= 0.1 + 0.03
 
 
 def test_feature_and_activation_detectors_rank_the_planted_outliers_first():
