@@ -89,8 +89,9 @@ def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list,
                 print(f"[unlearn] guard accuracy fell {baseline - acc:.3f} below {baseline:.3f} at lr {lr:g}: "
                       f"rolled back epoch {epochs_run + 1} and stopped", file=sys.stderr)
                 break
-            # One noisy epoch at this lr is not proof that unlearning cannot work: a smaller step often
-            # can (measured on the CIFAR-10 subset, blend 10%: stopping at the first drop left ASR 1.0).
+            # One bad epoch at this lr does not prove unlearning cannot work: a smaller step may (CIFAR-10
+            # subset, Blend 10%: stopping at the first drop left ASR 1.0; the retry at half lr cost 0.044
+            # of guard accuracy, within the limit, and ASR fell to 0.0).
             retries_left -= 1
             for group in opt.param_groups:
                 group["lr"] = lr / 2
