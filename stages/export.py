@@ -98,7 +98,8 @@ def export_guard_file(params: Params, model: torch.nn.Module, image_shape, clean
     guard, report = build_guard(params, {"released": model, "isolation": isolation}, clean, quarantined, calibration,
                                 device)
     meta = {"producer": "backdoor-sanitizer guard", "threshold": repr(report["threshold"]),
-            "target_fpr": str(report["target_fpr"]), "confidence": str(report["confidence"]), "calibration_fpr": str(report["calibration_fpr"]),
+            "target_fpr": str(report["target_fpr"]), "confidence": str(report["confidence"]),
+            "calibration_fpr": str(report["calibration_fpr"]),
             "calibration_hash": report["calibration_hash"], "n_calibration": str(report["n_calibration"]),
             "detectors": json.dumps(report["detectors"]), "left_out": json.dumps(report["left_out"]),
             "image_shape": json.dumps(list(image_shape)),

@@ -59,12 +59,10 @@ class QuarantineKnnHead(nn.Module):
 
     def __init__(self, clean: torch.Tensor, suspects: torch.Tensor, k_clean: int, k_suspects: int):
         super().__init__()
-        self.register_buffer("clean", F.normalize(clean, dim=1))
-        self.register_buffer("suspects", F.normalize(suspects, dim=1))
-        self.k_clean, self.k_suspects = min(k_clean, len(clean)), min(k_suspects, len(suspects))
+        self.clean, self.suspects = KnnHead(clean, k_clean), KnnHead(suspects, k_suspects)
 
     def forward(self, acts: list[torch.Tensor]) -> torch.Tensor:
-        return kth_distance(acts[-1], self.clean, self.k_clean) - kth_distance(acts[-1], self.suspects, self.k_suspects)
+        return self.clean(acts) - self.suspects(acts)
 
 
 class MahalanobisHead(nn.Module):

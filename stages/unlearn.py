@@ -84,10 +84,11 @@ def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list,
             model.load_state_dict(previous)
             opt.load_state_dict(previous_opt)
             lr = opt.param_groups[0]["lr"]
+            fell = (f"[unlearn] guard accuracy fell {baseline - acc:.3f} below {baseline:.3f} at lr {lr:g}: "
+                    f"rolled back epoch {epochs_run + 1}")
             if not retries_left:
                 rolled_back = True
-                print(f"[unlearn] guard accuracy fell {baseline - acc:.3f} below {baseline:.3f} at lr {lr:g}: "
-                      f"rolled back epoch {epochs_run + 1} and stopped", file=sys.stderr)
+                print(f"{fell} and stopped", file=sys.stderr)
                 break
             # One bad epoch at this lr does not prove unlearning cannot work: a smaller step may (CIFAR-10
             # subset, Blend 10%: stopping at the first drop left ASR 1.0; the retry at half lr cost 0.044
@@ -95,8 +96,7 @@ def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list,
             retries_left -= 1
             for group in opt.param_groups:
                 group["lr"] = lr / 2
-            print(f"[unlearn] guard accuracy fell {baseline - acc:.3f} below {baseline:.3f} at lr {lr:g}: "
-                  f"rolled back epoch {epochs_run + 1}, retrying at lr {lr / 2:g}", file=sys.stderr)
+            print(f"{fell}, retrying at lr {lr / 2:g}", file=sys.stderr)
             continue
         epochs_run += 1
         curve.append({"phase": up.mode, "epoch": epochs_run, "loss": loss, "clean_accuracy": accuracy(model, x_val, y_val),
