@@ -165,9 +165,6 @@ class UnlearnParams(Section):
                            "of the quarantined suspects is still classified as its label (0: run all epochs)")
     anchor: bool = Field(True, description="joint: each batch also carries clean samples of the implicated class, "
                          "as many as suspects, so unlearning separates the suspects from that class, not erases it")
-    implicated_only: bool = Field(True, description="joint: unlearn only the suspects carrying the implicated "
-                                  "label (the others stay quarantined): an all-to-one backdoor lives in one label, "
-                                  "and pushing a clean sample of another class off its label erodes that class")
     suspects_per_batch: int = Field(16, ge=1, le=65536, description="joint: suspects carried by each clean batch "
                                     "(all of them when there are fewer)")
     batch_size: int = Field(64, ge=1, le=65536, description="ascent: batch size over the quarantined set")

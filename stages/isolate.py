@@ -87,7 +87,7 @@ def kittler_split(values: np.ndarray, min_group: int = 3) -> float:
 
 
 def adaptive_selection(score: np.ndarray, labels: np.ndarray, ids: np.ndarray, p: IsolateParams,
-                       cut_score: np.ndarray | None = None, final_loss: np.ndarray | None = None):
+                       cut_score: np.ndarray | None = None):
     """Isolation sized from the loss curves instead of a fixed share (plain ABL: selection: ratio).
 
     `score` (low = suspicious) is the mean log-loss over the isolation epochs (`suspicion_score`);
@@ -104,10 +104,7 @@ def adaptive_selection(score: np.ndarray, labels: np.ndarray, ids: np.ndarray, p
     2. Otherwise, with `concentrate`, each class is split on its own: a backdoor that is only
        partly learned shows as one class whose split is clear (`min_separation`) and `class_margin`
        times clearer than any other class's. Clean classes split about equally (measured: 2.4-3.1).
-    3. Otherwise (clean data, or a backdoor not learned yet) the `ratio` lowest `cut_score`s, and, given
-       `final_loss`, plain ABL's `ratio` lowest final losses too: two rankings, neither trusted when
-       nothing separates, so a fused ranking can add suspects to plain ABL's and never drop one
-       (CIFAR-10 subset, SIG 1%: fused alone recall 0 against plain ABL's 0.098).
+    3. Otherwise (clean data, or a backdoor not learned yet) the `ratio` lowest `cut_score`s.
     At most `max_ratio` of the set is isolated. Returns the sorted indices and a report of the decision.
     """
     cut = score if cut_score is None else cut_score
@@ -137,10 +134,7 @@ def adaptive_selection(score: np.ndarray, labels: np.ndarray, ids: np.ndarray, p
     elif p.concentrate and class_is_clear:
         implicated, chosen, rule = best_class, class_split(best_class), "adaptive: class split"
     else:
-        chosen, rule = lowest(cut, ids, p.ratio), "ratio (no separated low-loss group)"
-        if final_loss is not None:
-            chosen, rule = np.union1d(chosen, lowest(final_loss, ids, p.ratio)), rule + ", with plain ABL's share"
-        return chosen, {**report, "rule": rule}
+        return lowest(cut, ids, p.ratio), {**report, "rule": "ratio (no separated low-loss group)"}
     cap = int(round(p.max_ratio * len(score)))
     if len(chosen) > cap:
         chosen = chosen[np.lexsort((ids[chosen], cut[chosen]))[:cap]]
@@ -207,7 +201,7 @@ def choose(history: np.ndarray, store: Store, p: IsolateParams, fused: np.ndarra
         return np.empty(0, dtype=np.int64), rank_by, {"rule": "off (isolate.ratio: 0)"}
     if p.selection == "ratio":
         return lowest(rank_by, store.ids, p.ratio), rank_by, {"rule": "ratio"}
-    isolated, report = adaptive_selection(suspicion, store.labels, store.ids, p, rank_by, history[:, -1])
+    isolated, report = adaptive_selection(suspicion, store.labels, store.ids, p, rank_by)
     return isolated, rank_by, report
 
 

@@ -62,10 +62,6 @@ def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list,
     """
     up = params.unlearn
     target = implicated_class(yq.cpu().numpy())
-    if up.mode == "joint" and up.implicated_only:
-        # CIFAR-10 subset, Blend 5%: 72 poisoned suspects plus 7 clean ones of two other classes; with all
-        # of them the guard accuracy fell 0.07-0.10 at every lr and unlearning stopped (ASR 0.997).
-        xq, yq = xq[yq == target], yq[yq == target]
     guard = y_val != target
     baseline = accuracy(model, x_val[guard], y_val[guard])
     anchors = torch.nonzero(y == target).flatten() if up.anchor else None
@@ -111,7 +107,7 @@ def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list,
         # test accuracy of class 0 fell from 0.99 to 0.69 over two more epochs with ASR already 0).
         if obeyed <= up.stop_at:
             break
-    return {"n_unlearned": len(yq), "unlearn_epochs_run": epochs_run, "rolled_back": rolled_back, "retries_used": up.retries - retries_left,
+    return {"unlearn_epochs_run": epochs_run, "rolled_back": rolled_back, "retries_used": up.retries - retries_left,
             "final_lr": opt.param_groups[0]["lr"], "implicated_class": target,
             "suspects_obeyed": round(accuracy(model, xq, yq), 4),
             "guard_accuracy_before": round(baseline, 4),

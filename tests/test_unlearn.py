@@ -56,21 +56,3 @@ def test_unlearning_stops_when_the_retries_are_spent(monkeypatch):
     assert report["guard_accuracy_after"] == report["guard_accuracy_before"] == 1.0
     _, no_retry = run_unlearn(monkeypatch, retries=0, harmful_from_lr=0.002)
     assert no_retry["rolled_back"] and no_retry["retries_used"] == 0 and no_retry["final_lr"] == 0.002
-
-
-def test_joint_unlearning_leaves_suspects_of_other_labels_alone(monkeypatch):
-    """Suspects of the implicated label are unlearned; a quarantined sample of another label is not."""
-    seen = []
-
-    def epoch(model, opt, x, y, xq, yq, *args, **kwargs):
-        seen.append(yq.tolist())
-        return 0.0, 0.0
-
-    monkeypatch.setattr(unlearn_stage, "joint_unlearn_epoch", epoch)
-    x, y = bright_pixel_data()
-    xq, yq = x[y == 1][:6], torch.tensor([0, 0, 0, 0, 2, 2])  # four poisoned to label 0, two clean of class 2
-    for implicated_only, expected in ((True, [0, 0, 0, 0]), (False, [0, 0, 0, 0, 2, 2])):
-        seen.clear()
-        params = Params.model_validate({"unlearn": {"implicated_only": implicated_only, "epochs": 1}})
-        report = unlearn_stage.unlearn(perfect_model(), params, xq, yq, x, y, x, y, torch.Generator(), [])
-        assert seen == [expected] and report["n_unlearned"] == len(expected)
