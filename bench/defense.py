@@ -257,7 +257,7 @@ def guard_benchmark(params: Params, case: tuple, released, isolation, clean: Sto
         keep = test_idx[y_test[test_idx] != rt.target]
         malicious = {attack: to_tensor(apply_trigger(x_test[keep], attack, rt), device)}
     bank = to_tensor(clean.x[np.random.default_rng(params.seed).permutation(len(clean))[:256]], device)
-    scorers = {entry: (lambda xx, j=j: each.z_scores(xx)[:, j]) for j, entry in enumerate(entries)}
+    scorers = {entry: (lambda xx, j=j: each.detector_scores(xx)[:, j]) for j, entry in enumerate(entries)}
     scorers["strip@isolation"] = lambda xx: strip(isolation, xx, bank, params.detect.strip_blends, params.detect.strip_alpha)
     scorers["guard"] = lambda xx: guard(xx)[0]
     rows = []

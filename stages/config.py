@@ -99,7 +99,7 @@ class IsolateParams(Section):
 
 TrainingDetector = Literal["strip", "mahalanobis", "spectral", "knn_density"]
 GuardDetector = Literal["quarantine_knn@isolation", "quarantine_knn@released", "knn@isolation", "knn@released",
-                        "mahalanobis@isolation", "mahalanobis@released"]
+                        "mahalanobis@isolation", "mahalanobis@released", "disagreement@isolation"]
 
 
 class DetectParams(Section):
@@ -122,13 +122,13 @@ class DetectParams(Section):
         "summed). Measured (CIFAR-10 subset, PGD eps 8/255 on the released model, TPR at 5% FPR): last 0.75, all 0.42"
     )
     guard: list[GuardDetector] = Field(
-        ["quarantine_knn@isolation", "mahalanobis@released"], min_length=1, description="detectors of the inference "
-        "guard (models/guard.onnx), each on the isolation checkpoint (which learned the trigger on purpose: it catches "
-        "triggered inputs) or on the released model (adversarial examples); the guard's score is the largest of their "
-        "calibrated z-scores. knn: distance to clean training features; quarantine_knn: that distance minus the distance "
-        "to the quarantined suspects' features (left out when the quarantine is empty). Measured on the CIFAR-10 subset, "
-        "TPR at FPR <= 5% (90% confidence): BadNets 10% 1.00 (mahalanobis@isolation instead: 0.95), Blend 5% 0.99 "
-        "(0.11), PGD 0.76 (bench/results/guard.md)"
+        ["disagreement@isolation", "quarantine_knn@isolation", "mahalanobis@released"], min_length=1,
+        description="detectors of the inference guard (models/guard.onnx), each on the isolation checkpoint (which "
+        "learned the trigger on purpose: it catches triggered inputs) or on the released model (adversarial "
+        "examples); the guard's score is the largest of their calibrated scores. knn: distance to clean training "
+        "features; quarantine_knn: that distance minus the distance to the quarantined suspects' features; "
+        "disagreement: how much more the isolation checkpoint than the released model believes the implicated label "
+        "(the last two are left out when the quarantine is empty). See bench/results/guard.md"
     )
     guard_fpr: float = Field(0.05, gt=0, lt=1, description="false-positive rate the guard's threshold is "
                              "calibrated to, on the clean calibration split")
@@ -137,6 +137,8 @@ class DetectParams(Section):
         "judged from the clean calibration split (a binomial bound: more calibration images, less margin); 0.5: the "
         "plain 95th percentile, whose FPR on new images exceeds guard_fpr about half the time"
     )
+    disagreement_eps: float = Field(0.05, gt=0, le=1, description="guard disagreement: added to both models' "
+                                    "probabilities of the implicated label before their log-ratio")
     knn_k: int = Field(10, ge=1, le=1000, description="guard knn, quarantine_knn: clean neighbour whose distance is "
                        "the score")
     knn_bank: int = Field(2000, ge=10, le=100000, description="guard knn, quarantine_knn: clean training features "

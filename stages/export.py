@@ -103,7 +103,7 @@ def export_guard_file(params: Params, model: torch.nn.Module, image_shape, clean
             "calibration_hash": report["calibration_hash"], "n_calibration": str(report["n_calibration"]),
             "detectors": json.dumps(report["detectors"]), "left_out": json.dumps(report["left_out"]),
             "image_shape": json.dumps(list(image_shape)),
-            "outputs": "score float32 [N] (largest calibrated z-score), flag bool [N] (score > threshold)",
+            "outputs": "score float32 [N] (largest calibrated detector score), flag bool [N] (score > threshold)",
             **{k: model_meta[k] for k in ("data_hash", "clean_data_hash", "params_hash", "class_names", "input")}}
     with atomic_path(paths.GUARD_ONNX) as tmp:
         export_guard(guard, image_shape, tmp, params.export.opset, meta)

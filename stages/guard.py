@@ -5,10 +5,10 @@ gate measured and parity-checked, deployments that do not want the guard run the
 cost, and the guard can be recalibrated without touching the model. It takes the model's input (float32
 [N, C, H, W] in [0, 1]) and returns `score` (float32 [N]) and `flag` (bool [N], score > threshold).
 
-Each detector (params detect.guard) scores the input on one of two models: the released model, or the
-isolation checkpoint, which learned the trigger on purpose, so a triggered input lands where the poison
-did. Each score becomes a z-score against the clean calibration split (median, MAD); the guard's score is
-the largest, and its threshold keeps the false-positive rate at most `detect.guard_fpr` with probability
+Each detector (params detect.guard) scores the input on the released model, on the isolation checkpoint,
+which learned the trigger on purpose, so a triggered input lands where the poison did, or on both
+(disagreement). Each score is put on one scale by the clean calibration split: 0 at its median, 1 at its
+own (1 - detect.guard_fpr) quantile; the guard's score is the largest, and its threshold keeps the false-positive rate at most `detect.guard_fpr` with probability
 `detect.guard_confidence` (`calibrated_threshold`), judged on that split. The threshold,
 the calibration data's hash and the detectors are in the file's metadata.
 
@@ -18,6 +18,7 @@ the calibration data's hash and the detectors are in the file's metadata.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -30,14 +31,19 @@ import torch.nn.functional as F
 from stages import paths
 from stages.config import Params
 from stages.data import Store, store_hash
-from stages.detectors import Gaussians, conv_stages, features, fit_gaussians, kth_distance, mahalanobis, median_mad
+from stages.detectors import Gaussians, conv_stages, features, fit_gaussians, kth_distance, mahalanobis
 from stages.errors import SanitizeError
 from stages.onnx_io import input_batches, onnx_predictor, open_session
 from stages.train import to_tensor
 
 FAMILIES = {"knn": "feature space (Sun et al. 2022, deep nearest neighbours)",
             "quarantine_knn": "feature space (k-NN after Sun et al. 2022, clean neighbours against quarantined ones)",
-            "mahalanobis": "activation space (Lee et al. 2018, class-conditional Mahalanobis)"}
+            "mahalanobis": "activation space (Lee et al. 2018, class-conditional Mahalanobis)",
+            "disagreement": "model sensitivity (Jin et al.: prediction change under a mutation of the model; here the "
+                            "isolation checkpoint against the released model, its unlearned descendant)"}
+
+
+NEEDS_QUARANTINE = ("quarantine_knn@", "disagreement@")  # left out of the guard when nothing is quarantined
 
 
 class KnnHead(nn.Module):
@@ -65,6 +71,29 @@ class QuarantineKnnHead(nn.Module):
         return self.clean(acts) - self.suspects(acts)
 
 
+class DisagreementHead(nn.Module):
+    """How much more the isolation checkpoint than the released model believes the implicated label (the
+    label most quarantined suspects carry): log(p_iso + eps) - log(p_rel + eps). The isolation model
+    learned the trigger; unlearning taught its descendant, the released model, to refuse it. On a clean
+    input the two agree (both low, or both high on a clean image of that class); a triggered input gets
+    near 1 from one and near 0 from the other. `eps` keeps the released model's confidence on clean
+    inputs (log-probabilities of -20 and below) from counting as disagreement.
+    Measured on the default digits run (TPR at FPR <= 5%, 90% confidence): 1.00 against 0.48 for
+    quarantine_knn; CIFAR-10 subset, BadNets 10% 1.00, Blend 5% 1.00."""
+
+    reads_all_models = True
+
+    def __init__(self, isolation_head: nn.Linear, released_head: nn.Linear, label: int, eps: float):
+        super().__init__()
+        self.isolation_head, self.released_head = copy.deepcopy(isolation_head), copy.deepcopy(released_head)
+        self.label, self.eps = label, eps
+
+    def forward(self, acts: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+        p_iso = F.softmax(self.isolation_head(acts["isolation"][-1]), dim=1)[:, self.label]
+        p_rel = F.softmax(self.released_head(acts["released"][-1]), dim=1)[:, self.label]
+        return torch.log(p_iso + self.eps) - torch.log(p_rel + self.eps)
+
+
 class MahalanobisHead(nn.Module):
     def __init__(self, g: Gaussians, stages: str):
         super().__init__()
@@ -82,24 +111,26 @@ class MahalanobisHead(nn.Module):
 
 
 class GuardNet(nn.Module):
-    """Both models' activations, each detector's score as a calibrated z-score, the largest, the flag."""
+    """Both models' activations, each detector's calibrated score, the largest, the flag."""
 
     def __init__(self, models: dict[str, nn.Module], heads: list[tuple[str, nn.Module]]):
         super().__init__()
-        self.models = nn.ModuleDict({name: m for name, m in models.items() if any(h[0] == name for h in heads)})
+        self.models = nn.ModuleDict({name: m for name, m in models.items()
+                                     if any(src == name or getattr(h, "reads_all_models", False) for src, h in heads)})
         self.sources = [source for source, _ in heads]
         self.heads = nn.ModuleList([head for _, head in heads])
         self.register_buffer("centre", torch.zeros(len(heads)))
         self.register_buffer("scale", torch.ones(len(heads)))
         self.register_buffer("threshold", torch.tensor(0.0))
 
-    def z_scores(self, x: torch.Tensor) -> torch.Tensor:
+    def detector_scores(self, x: torch.Tensor) -> torch.Tensor:
         acts = {name: m.activations(x) for name, m in self.models.items()}
-        raw = torch.stack([head(acts[source]) for source, head in zip(self.sources, self.heads)], dim=1)
+        raw = torch.stack([head(acts if getattr(head, "reads_all_models", False) else acts[source])
+                           for source, head in zip(self.sources, self.heads)], dim=1)
         return (raw - self.centre) / self.scale
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        score = self.z_scores(x).amax(dim=1)
+        score = self.detector_scores(x).amax(dim=1)
         return score, score > self.threshold
 
 
@@ -131,7 +162,7 @@ def build_guard(params: Params, models: dict[str, nn.Module], clean: Store, quar
     (never trained on). A quarantine_knn detector is left out, and said so in the report, when nothing is
     quarantined."""
     dp = params.detect
-    entries = [e for e in dp.guard if len(quarantined) or not e.startswith("quarantine_knn@")]
+    entries = [e for e in dp.guard if len(quarantined) or not e.startswith(NEEDS_QUARANTINE)]
     if not entries:
         raise SanitizeError(f"detect.guard lists only {dp.guard}, which need quarantined samples, and the quarantine "
                             "is empty: add mahalanobis@released to detect.guard")
@@ -143,7 +174,12 @@ def build_guard(params: Params, models: dict[str, nn.Module], clean: Store, quar
     for entry in entries:
         detector, source = entry.split("@")
         acts = fitted[source]
-        if detector == "knn":
+        extra = {}
+        if detector == "disagreement":
+            extra = {"model": "isolation against released", "label": int(np.bincount(quarantined.labels).argmax())}
+            head = DisagreementHead(models["isolation"].head, models["released"].head, extra["label"],
+                                    dp.disagreement_eps)
+        elif detector == "knn":
             head = KnnHead(acts[-1][bank], dp.knn_k)
         elif detector == "quarantine_knn":
             suspects = features(models[source], to_tensor(quarantined.x, device))[-1]
@@ -152,12 +188,17 @@ def build_guard(params: Params, models: dict[str, nn.Module], clean: Store, quar
             stage_acts = conv_stages(acts, dp.mahalanobis_stages)
             head = MahalanobisHead(fit_gaussians(stage_acts, y_clean, len(clean.class_names)), dp.mahalanobis_stages)
         heads.append((source, head.to(device)))
-        described.append({"detector": detector, "model": source, "family": FAMILIES[detector]})
+        described.append({"detector": detector, "model": source, "family": FAMILIES[detector], **extra})
     guard = GuardNet(models, heads).to(device).eval()
     x_cal = to_tensor(calibration.x, device)
-    centre, spread = median_mad(guard.z_scores(x_cal))  # centre 0, scale 1 so far: the raw scores
+    raw = guard.detector_scores(x_cal)  # centre 0, scale 1 so far: the raw scores
+    # Each detector on one scale by its upper tail, where the threshold lies: 0 at its calibration median, 1 at
+    # its own (1 - guard_fpr) quantile. A spread such as the MAD would let one detector's heavy tail set the
+    # threshold for all: measured (CIFAR-10 subset, clean training run), with disagreement beside mahalanobis
+    # PGD's TPR fell from 0.61 to 0.21 on MAD z-scores, 0.59 on this scale.
+    centre = raw.median(dim=0).values
     guard.centre.copy_(centre)
-    guard.scale.copy_(spread.clamp_min(1e-6))
+    guard.scale.copy_((torch.quantile(raw, 1 - dp.guard_fpr, dim=0) - centre).clamp_min(1e-6))
     score = guard(x_cal)[0].cpu().numpy()
     threshold = calibrated_threshold(score, dp.guard_fpr, dp.guard_confidence)
     guard.threshold.fill_(threshold)

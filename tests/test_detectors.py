@@ -12,7 +12,7 @@ from conftest import stage_cli
 from stages.config import Params
 from stages.detectors import auroc, fit_gaussians, kth_distance, knn_density, mahalanobis, spectral, strip
 from stages.errors import SanitizeError
-from stages.guard import QuarantineKnnHead, build_guard, calibrated_threshold
+from stages.guard import DisagreementHead, QuarantineKnnHead, build_guard, calibrated_threshold
 from stages.isolate import kittler_split, otsu_split
 
 
@@ -79,7 +79,27 @@ def test_quarantine_knn_scores_inputs_beside_the_suspects_above_clean_ones():
     assert auroc(kth_distance(triggered, bank, 10), kth_distance(new_clean, bank, 10)) < 0.8
 
 
-def test_guard_leaves_quarantine_knn_out_when_nothing_is_quarantined():
+def test_disagreement_flags_inputs_the_isolation_model_sends_to_the_implicated_label_and_the_released_one_does_not():
+    """Two linear heads over a 3-d feature: the isolation head sends feature 0 (the trigger) to label 0,
+    the released head (after unlearning) does not; both read features 1 and 2 as labels 1 and 2."""
+    isolation, released = torch.nn.Linear(3, 3, bias=False), torch.nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        isolation.weight.copy_(10 * torch.eye(3))
+        released.weight.copy_(10 * torch.eye(3))
+        released.weight[0, 0] = -10.0
+    head = DisagreementHead(isolation, released, label=0, eps=0.05)
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.zeros(100, 3)
+    clean[torch.arange(100), 1 + torch.arange(100) % 2] = 1.0  # clean inputs of labels 1 and 2
+    triggered = clean.clone()
+    triggered[:, 0] = 2.0
+    noise = 0.1 * torch.randn(100, 3, generator=gen)
+    s_clean, s_trig = head({"isolation": [clean + noise], "released": [clean + noise]}), \
+        head({"isolation": [triggered + noise], "released": [triggered + noise]})
+    assert auroc(s_trig, s_clean) == 1.0 and s_trig.min() > 2 and s_clean.abs().max() < 0.1
+
+
+def test_guard_leaves_the_quarantine_detectors_out_when_nothing_is_quarantined():
     from stages.data import make_store
     from stages.models import build_model, model_spec
 
@@ -91,9 +111,9 @@ def test_guard_leaves_quarantine_knn_out_when_nothing_is_quarantined():
 
     model = build_model(model_spec((8, 8, 1), 3, 8, [0.5], [0.25])).eval()
     models, empty = {"released": model, "isolation": model}, store(np.arange(0))
-    params = Params.model_validate({"detect": {"guard": ["quarantine_knn@isolation", "mahalanobis@released"]}})
+    params = Params()  # the default guard: disagreement, quarantine_knn, mahalanobis
     guard, report = build_guard(params, models, store(np.arange(40)), empty, store(np.arange(40, 60)), torch.device("cpu"))
-    assert report["left_out"] == ["quarantine_knn@isolation"]
+    assert report["left_out"] == ["disagreement@isolation", "quarantine_knn@isolation"]
     assert [d["detector"] for d in report["detectors"]] == ["mahalanobis"] and len(guard.heads) == 1
     only = Params.model_validate({"detect": {"guard": ["quarantine_knn@isolation"]}})
     with pytest.raises(SanitizeError, match="quarantine is empty"):
@@ -139,7 +159,7 @@ def test_pipeline_writes_detector_scores_and_a_calibrated_guard(pipeline):
     calibration = load_store(pipeline / "data/ingested/calibration.npz")
     assert meta["calibration_hash"] == store_hash(calibration)
     assert [(d["detector"], d["model"]) for d in json.loads(meta["detectors"])] == \
-        [("quarantine_knn", "isolation"), ("mahalanobis", "released")]
+        [("disagreement", "isolation against released"), ("quarantine_knn", "isolation"), ("mahalanobis", "released")]
     score, flag = guard(calibration.x)
     assert flag.mean() <= 0.05 and np.array_equal(flag, score > float(meta["threshold"]))
     for batch in (1, 7):  # dynamic batch axis
@@ -148,7 +168,9 @@ def test_pipeline_writes_detector_scores_and_a_calibrated_guard(pipeline):
     test_ids = set(load_store(pipeline / "data/ingested/test.npz").ids)
     assert not test_ids & set(calibration.ids)  # the gate never scores the calibration images
     gate = json.loads((pipeline / "metrics/gate.json").read_text())
-    assert 0 <= gate["guard"]["fpr"] <= 0.2 and 0 <= gate["guard"]["tpr"] <= 1
+    # The default run's triggered test digits: the isolation checkpoint obeys the trigger, the released model no
+    # longer does, and the guard sees that disagreement (measured: TPR 1.0, FPR 0.028).
+    assert gate["guard"]["fpr"] <= 0.1 and gate["guard"]["tpr"] >= 0.9
 
 
 def test_guard_command(pipeline, tmp_path):
