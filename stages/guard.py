@@ -8,9 +8,10 @@ cost, and the guard can be recalibrated without touching the model. It takes the
 Each detector (params detect.guard) scores the input on the released model, on the isolation checkpoint,
 which learned the trigger on purpose, so a triggered input lands where the poison did, or on both
 (disagreement). Each score is put on one scale by the clean calibration split: 0 at its median, 1 at its
-own (1 - detect.guard_fpr) quantile; the guard's score is the largest, and its threshold keeps the false-positive rate at most `detect.guard_fpr` with probability
-`detect.guard_confidence` (`calibrated_threshold`), judged on that split. The threshold,
-the calibration data's hash and the detectors are in the file's metadata.
+own (1 - detect.guard_fpr) quantile; the guard's score is the largest, and its threshold keeps the
+false-positive rate at most `detect.guard_fpr` with probability `detect.guard_confidence`
+(`calibrated_threshold`), judged on that split. The threshold, the calibration data's hash and the
+detectors are in the file's metadata.
 
 `python -m stages guard IMAGE... [--json]` prints each image's predicted class, score and verdict.
 """
@@ -77,9 +78,11 @@ class DisagreementHead(nn.Module):
     learned the trigger; unlearning taught its descendant, the released model, to refuse it. On a clean
     input the two agree (both low, or both high on a clean image of that class); a triggered input gets
     near 1 from one and near 0 from the other. `eps` keeps the released model's confidence on clean
-    inputs (log-probabilities of -20 and below) from counting as disagreement.
-    Measured on the default digits run (TPR at FPR <= 5%, 90% confidence): 1.00 against 0.48 for
-    quarantine_knn; CIFAR-10 subset, BadNets 10% 1.00, Blend 5% 1.00."""
+    inputs (log-probabilities of -20 and below) from counting as disagreement; a log-ratio, not the plain
+    difference of probabilities, whose heavier clean tail raised the guard's threshold (measured, CIFAR-10
+    subset: PGD TPR of the whole guard 0.59 against 0.53). Measured alone (TPR at FPR <= 5%, 90%
+    confidence): default digits run 1.00 against 0.48 for quarantine_knn; CIFAR-10 subset, BadNets 10%
+    0.97, Blend 5% 1.00."""
 
     reads_all_models = True
 
@@ -159,8 +162,8 @@ def calibrated_threshold(scores: np.ndarray, fpr: float, confidence: float = 0.5
 def build_guard(params: Params, models: dict[str, nn.Module], clean: Store, quarantined: Store,
                 calibration: Store, device: torch.device) -> tuple[GuardNet, dict]:
     """Fit each detector on the clean training set (and the quarantine), calibrate on the calibration split
-    (never trained on). A quarantine_knn detector is left out, and said so in the report, when nothing is
-    quarantined."""
+    (never trained on). The detectors that need the quarantine (quarantine_knn, disagreement) are left out,
+    and said so in the report, when nothing is quarantined."""
     dp = params.detect
     entries = [e for e in dp.guard if len(quarantined) or not e.startswith(NEEDS_QUARANTINE)]
     if not entries:
