@@ -332,8 +332,9 @@ def guard_markdown(rows: list[dict], costs: list[dict], meta: dict) -> str:
              "(0.05) with probability `detect.guard_confidence` (0.9), and measured on the rest: FPR on its clean "
              "images, TPR on malicious ones (red-team triggered non-target images, or FGSM / PGD, L-inf eps 8/255, "
              "PGD 10 steps of eps/4, against the released model of a clean training run, poison rate 0). `guard` "
-             "is the shipped combination (largest calibrated z-score of `detect.guard`); the other rows are its "
-             "detectors alone and unshipped alternatives (`strip@isolation` costs one forward pass per blend).", "",
+             "is the shipped combination (largest calibrated score of `detect.guard`: each detector at 0 on its "
+             "calibration median, 1 at its own 95th percentile); the other rows are its detectors alone and "
+             "unshipped alternatives (`strip@isolation` costs one forward pass per blend).", "",
              "| " + " | ".join(GUARD_KEYS) + " |", "|" + "---|" * len(GUARD_KEYS)]
     lines += ["| " + " | ".join(fmt(r[k]) for k in GUARD_KEYS) + " |" for r in rows]
     lines += ["", "Cost, per case: isolation (LGA training) and each training-time detector on the training set; "
