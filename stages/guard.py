@@ -19,7 +19,6 @@ detectors are in the file's metadata.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import warnings
 from pathlib import Path
@@ -36,6 +35,7 @@ from stages.detectors import Gaussians, conv_stages, features, fit_gaussians, kt
 from stages.errors import SanitizeError
 from stages.onnx_io import input_batches, onnx_predictor, open_session
 from stages.train import to_tensor
+from stages.unlearn import implicated_class
 
 FAMILIES = {"knn": "feature space (Sun et al. 2022, deep nearest neighbours)",
             "quarantine_knn": "feature space (k-NN after Sun et al. 2022, clean neighbours against quarantined ones)",
@@ -84,11 +84,10 @@ class DisagreementHead(nn.Module):
     confidence): default digits run 1.00 against 0.48 for quarantine_knn; CIFAR-10 subset, BadNets 10%
     0.97, Blend 5% 1.00."""
 
-    reads_all_models = True
-
     def __init__(self, isolation_head: nn.Linear, released_head: nn.Linear, label: int, eps: float):
         super().__init__()
-        self.isolation_head, self.released_head = copy.deepcopy(isolation_head), copy.deepcopy(released_head)
+        # The models' own output layers, shared with the guard's backbones, not copies of their weights.
+        self.isolation_head, self.released_head = isolation_head, released_head
         self.label, self.eps = label, eps
 
     def forward(self, acts: dict[str, list[torch.Tensor]]) -> torch.Tensor:
@@ -114,12 +113,13 @@ class MahalanobisHead(nn.Module):
 
 
 class GuardNet(nn.Module):
-    """Both models' activations, each detector's calibrated score, the largest, the flag."""
+    """Both models' activations, each detector's calibrated score, the largest, the flag. A head's source is
+    the model whose activations it reads, or None for a head that reads every model's (disagreement)."""
 
-    def __init__(self, models: dict[str, nn.Module], heads: list[tuple[str, nn.Module]]):
+    def __init__(self, models: dict[str, nn.Module], heads: list[tuple[str | None, nn.Module]]):
         super().__init__()
         self.models = nn.ModuleDict({name: m for name, m in models.items()
-                                     if any(src == name or getattr(h, "reads_all_models", False) for src, h in heads)})
+                                     if any(source in (name, None) for source, _ in heads)})
         self.sources = [source for source, _ in heads]
         self.heads = nn.ModuleList([head for _, head in heads])
         self.register_buffer("centre", torch.zeros(len(heads)))
@@ -128,7 +128,7 @@ class GuardNet(nn.Module):
 
     def detector_scores(self, x: torch.Tensor) -> torch.Tensor:
         acts = {name: m.activations(x) for name, m in self.models.items()}
-        raw = torch.stack([head(acts if getattr(head, "reads_all_models", False) else acts[source])
+        raw = torch.stack([head(acts if source is None else acts[source])
                            for source, head in zip(self.sources, self.heads)], dim=1)
         return (raw - self.centre) / self.scale
 
@@ -177,9 +177,9 @@ def build_guard(params: Params, models: dict[str, nn.Module], clean: Store, quar
     for entry in entries:
         detector, source = entry.split("@")
         acts = fitted[source]
-        extra = {}
+        extra, reads = {}, source
         if detector == "disagreement":
-            extra = {"model": "isolation against released", "label": int(np.bincount(quarantined.labels).argmax())}
+            extra, reads = {"model": "isolation against released", "label": implicated_class(quarantined.labels)}, None
             head = DisagreementHead(models["isolation"].head, models["released"].head, extra["label"],
                                     dp.disagreement_eps)
         elif detector == "knn":
@@ -190,7 +190,7 @@ def build_guard(params: Params, models: dict[str, nn.Module], clean: Store, quar
         else:
             stage_acts = conv_stages(acts, dp.mahalanobis_stages)
             head = MahalanobisHead(fit_gaussians(stage_acts, y_clean, len(clean.class_names)), dp.mahalanobis_stages)
-        heads.append((source, head.to(device)))
+        heads.append((reads, head.to(device)))
         described.append({"detector": detector, "model": source, "family": FAMILIES[detector], **extra})
     guard = GuardNet(models, heads).to(device).eval()
     x_cal = to_tensor(calibration.x, device)
