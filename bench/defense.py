@@ -67,7 +67,7 @@ DEFAULT_DEFENSES = {"digits": ["abl", "abl+joint", "abl+adaptive", "fused"], "ci
 # Each defense is a set of overrides on the profile; plain ABL stays reachable as settings.
 DEFENSES = {
     "abl": {"isolate": {"selection": "ratio", "ratio": 0.01}, "detect": {"fusion": []},
-            "unlearn": {"mode": "ascent", "lr": 5e-4, "epochs": 20}},
+            "unlearn": {"mode": "ascent", "lr": 5e-4, "epochs": 20, "restart": "never"}},
     "abl+joint": {"isolate": {"selection": "ratio", "ratio": 0.01}, "detect": {"fusion": []}, "unlearn": {"mode": "joint"}},
     "abl+adaptive": {"isolate": {"selection": "adaptive"}, "detect": {"fusion": []}, "unlearn": {"mode": "joint"}},
     # The pipeline's default for real images: adaptive isolation ranked by the loss fused with detectors.
@@ -186,10 +186,10 @@ def run_task(task: tuple) -> tuple[list[dict], list[dict], dict | None]:
         t1 = time.perf_counter()
         p = profile_params(dataset, attack, rate, DEFENSES[name])
         fused = fused_suspicion(history, signals, p.detect.fusion)
-        isolated, _, _ = choose(history, train, p.isolate, fused)
+        isolated, _, report = choose(history, train, p.isolate, fused)
         model = copy.deepcopy(lga_model)
         clean = train.subset(np.setdiff1d(np.arange(len(train)), isolated))
-        sanitize(model, p, clean, train.subset(isolated), device)
+        sanitize(model, p, clean, train.subset(isolated), device, separated=report["separated"])
         ca, asr = evaluate(model, p, x_test, y_test, device)
         extra = sum(detect_seconds[d] for d in p.detect.fusion)
         if kind == "defenses":

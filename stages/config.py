@@ -156,6 +156,12 @@ class DetectParams(Section):
 
 class UnlearnParams(Section):
     finetune_epochs: int = Field(20, ge=0, le=1000, description="cross-entropy epochs on the clean set")
+    restart: Literal["unseparated", "never", "always"] = Field(
+        "unseparated", description="train the released model from a fresh initialisation, for isolate.epochs + "
+        "finetune_epochs epochs, instead of fine-tuning the isolation model: unseparated: when adaptive isolation "
+        "found no separated low-loss group (the isolation model may have learned a backdoor it did not isolate); "
+        "never: plain ABL, always fine-tune the isolation model"
+    )
     mode: Literal["joint", "ascent"] = Field(
         "joint", description="ascent: plain ABL, gradient ascent -CE on the quarantined set alone; joint: each clean "
         "batch carries the quarantined set, loss CE(clean) + weight * -log(1 - p(label | suspect))"

@@ -60,6 +60,13 @@ def build_model(spec: dict) -> SmallCNN:
     return SmallCNN(spec["in_channels"], spec["n_classes"], spec["width"], spec["image_size"], spec["mean"], spec["std"])
 
 
+def reinitialise(model: nn.Module) -> None:
+    """Fresh weights (and BatchNorm statistics) in place, from torch's RNG; the normalisation buffers stay."""
+    for module in model.modules():
+        if module is not model and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+
 def model_spec(image_shape: tuple[int, int, int], n_classes: int, width: int, mean, std) -> dict:
     h, w, c = image_shape
     return {"in_channels": c, "n_classes": n_classes, "width": width, "image_size": min(h, w),

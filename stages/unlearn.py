@@ -1,6 +1,7 @@
 """unlearn: ABL stage two (Li et al., NeurIPS 2021, sec. 4.2).
 
-Continue from the isolation checkpoint: fine-tune on the clean set with cross-entropy, then unlearn
+Continue from the isolation checkpoint (or, when isolation found no separated group, from a fresh
+initialisation: `unlearn.restart`): fine-tune on the clean set with cross-entropy, then unlearn
 the quarantined suspects, which breaks the trigger -> target link: plain ABL gradient ascent
 (`unlearn.mode: ascent`), or the joint mode (default), where every clean batch also pushes the
 suspects away from their label. A held-out share of the clean set watches clean accuracy;
@@ -20,7 +21,7 @@ from stages import paths
 from stages.config import Params
 from stages.data import Store, load_store
 from stages.fileio import write_csv, write_json
-from stages.models import load_checkpoint, save_checkpoint
+from stages.models import load_checkpoint, reinitialise, save_checkpoint
 from stages.plots import unlearn_plot
 from stages.train import (Progress, accuracy, joint_unlearn_epoch, make_optimizer, pick_device, seed_everything,
                           to_tensor, train_epoch)
@@ -33,12 +34,14 @@ def holdout_split(n: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarr
     return np.sort(order[k:]), np.sort(order[:k])
 
 
-def finetune(model, params: Params, x, y, x_val, y_val, gen, curve: list, watch=None) -> None:
-    tp, up = params.train, params.unlearn
+def finetune(model, params: Params, x, y, x_val, y_val, gen, curve: list, watch=None, epochs: int | None = None) -> None:
+    """Cross-entropy on the clean set with augmentation and a cosine schedule (`unlearn.finetune_epochs`)."""
+    tp = params.train
+    epochs = params.unlearn.finetune_epochs if epochs is None else epochs
     opt = make_optimizer(model, tp.lr, tp)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(up.finetune_epochs, 1))
-    progress = Progress("unlearn:finetune", up.finetune_epochs, len(y))
-    for epoch in range(up.finetune_epochs):
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
+    progress = Progress("unlearn:finetune", epochs, len(y))
+    for epoch in range(epochs):
         loss = train_epoch(model, opt, x, y, lambda losses: losses.mean(), tp.batch_size, gen, tp.crop_padding, tp.flip)
         sched.step()
         acc = accuracy(model, x_val, y_val)
@@ -114,26 +117,46 @@ def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list,
             "guard_accuracy_after": round(accuracy(model, x_val[guard], y_val[guard]), 4)}
 
 
+def restarts(mode: str, separated: bool | None) -> bool:
+    """Whether the released model starts from fresh weights instead of the isolation model (`unlearn.restart`).
+
+    ABL fine-tunes the isolation model on purpose: it learned the backdoor, and unlearning the isolated
+    samples breaks it. When adaptive isolation found no separated group, there is nothing to unlearn it
+    with, and the model keeps whatever it learned: its LGA training without augmentation learns a sparse
+    trigger that standard training does not (CIFAR-10 subset, BadNets 1%: ASR 0.05 without any defense,
+    0.99 after fine-tuning the isolation model). A fresh start is then never worse than no defense."""
+    return mode == "always" or (mode == "unseparated" and separated is False)
+
+
 def sanitize(model, params: Params, clean: Store, quarantined: Store, device: torch.device,
-             watch=None) -> tuple[list, dict]:
+             watch=None, separated: bool | None = None) -> tuple[list, dict]:
     """Fine-tune `model` (the isolation checkpoint) on the clean set, then unlearn the quarantined set.
+    `separated` is the isolation report's: with `restarts(...)`, the model is first reinitialised and
+    trained for isolate.epochs + finetune_epochs epochs, the budget of the isolation model it replaces.
 
     Returns the curve (one dict per epoch: phase, epoch, loss, held-out clean accuracy, and what
     `watch(model)` adds) and a report; the model is changed in place.
     """
     seed_everything(params.seed)
+    restarted = restarts(params.unlearn.restart, separated)
+    if restarted:
+        reinitialise(model)
     fit, val = holdout_split(len(clean), params.unlearn.holdout, params.seed)
     x_all, y_all = to_tensor(clean.x, device), torch.from_numpy(clean.labels).to(device)
     x, y, x_val, y_val = x_all[fit], y_all[fit], x_all[val], y_all[val]
     gen = torch.Generator(device=device).manual_seed(params.seed)
 
     curve: list = []
-    finetune(model, params, x, y, x_val, y_val, gen, curve, watch)
+    finetune(model, params, x, y, x_val, y_val, gen, curve, watch,
+             params.unlearn.finetune_epochs + (params.isolate.epochs if restarted else 0))
     report = {"unlearn_epochs_run": 0, "rolled_back": False}
-    if len(quarantined) and params.unlearn.epochs and params.isolate.ratio > 0:
+    # Without a separated group the suspects are the fallback share, not evidence of a backdoor: they stay
+    # quarantined, but unlearning them would erase the clean class they mostly come from (CIFAR-10 subset,
+    # WaNet 10%, restarted model: clean accuracy 0.52 after unlearning them, 0.65 without any defense).
+    if len(quarantined) and params.unlearn.epochs and params.isolate.ratio > 0 and not (restarted and separated is False):
         xq, yq = to_tensor(quarantined.x, device), torch.from_numpy(quarantined.labels).to(device)
         report = unlearn(model, params, xq, yq, x, y, x_val, y_val, gen, curve, watch)
-    return curve, {"n_finetune": int(len(fit)), "n_holdout": int(len(val)), "n_quarantined": len(quarantined),
+    return curve, {"restarted": restarted, "n_finetune": int(len(fit)), "n_holdout": int(len(val)), "n_quarantined": len(quarantined),
                    "holdout_accuracy": round(accuracy(model, x_val, y_val), 4), **report}
 
 
@@ -151,7 +174,7 @@ def run(params: Params) -> None:
     device = pick_device(params.device)
     model, ckpt = load_checkpoint(paths.ISOLATE_MODEL, device)
     curve, report = sanitize(model, params, load_store(paths.CLEAN_STORE), load_store(paths.QUARANTINE_STORE), device,
-                             redteam_watch(device))
+                             redteam_watch(device), ckpt.get("separated"))
     save_checkpoint(paths.MODEL, model, ckpt["spec"], {"seed": params.seed})
     columns = ["phase", "epoch", "loss", "clean_accuracy"] + (["asr"] if curve and "asr" in curve[0] else [])
     write_csv(paths.PLOTS / "unlearn.csv", ["step", *columns],

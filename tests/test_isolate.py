@@ -69,7 +69,7 @@ def synthetic_history(seed=0):
 def test_adaptive_selection_isolates_the_separated_group_of_the_implicated_class():
     history, labels, ids, backdoor, _ = synthetic_history()
     chosen, report = adaptive_selection(suspicion_score(history), labels, ids, IsolateParams())
-    assert report["rule"].startswith("adaptive") and report["implicated_label"] == 2
+    assert report["rule"].startswith("adaptive") and report["implicated_label"] == 2 and report["separated"]
     assert chosen.tolist() == backdoor.tolist()
     # Without concentration the easy samples of class 1 may join; the cap bounds the share.
     capped, _ = adaptive_selection(suspicion_score(history), labels, ids, IsolateParams(concentrate=False, max_ratio=0.05))
@@ -83,6 +83,12 @@ def test_adaptive_selection_falls_back_to_the_fixed_ratio_without_a_separated_gr
     chosen, report = adaptive_selection(suspicion_score(history), labels, ids, IsolateParams(ratio=0.02))
     assert report["rule"].startswith("ratio") and report["separation"] < 3.5
     assert chosen.tolist() == lowest(suspicion_score(history), ids, 0.02).tolist()
+    assert report["separated"] is False
+    # Given plain ABL's final losses, its share joins the fallback: a fused ranking never drops one of its suspects.
+    final = history[:, -1]
+    both, report = adaptive_selection(suspicion_score(history), labels, ids, IsolateParams(ratio=0.02), final_loss=final)
+    assert set(both) == set(chosen) | set(lowest(final, ids, 0.02)) and len(both) > len(chosen)
+    assert report["separated"] is False and "plain ABL" in report["rule"]
 
 
 def test_otsu_split_separates_two_clusters():

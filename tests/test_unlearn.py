@@ -3,6 +3,7 @@ and unlearning stops when the retries are spent."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 import stages.unlearn as unlearn_stage
@@ -56,3 +57,39 @@ def test_unlearning_stops_when_the_retries_are_spent(monkeypatch):
     assert report["guard_accuracy_after"] == report["guard_accuracy_before"] == 1.0
     _, no_retry = run_unlearn(monkeypatch, retries=0, harmful_from_lr=0.002)
     assert no_retry["rolled_back"] and no_retry["retries_used"] == 0 and no_retry["final_lr"] == 0.002
+
+
+def digits_model_and_sets(init_seed: int):
+    from stages.data import make_store
+    from stages.models import build_model, model_spec
+    from stages.sources import read_digits
+    from stages.train import channel_stats
+
+    src = read_digits(0.2, 0)
+    store = make_store(src.train.x, src.train.y, src.train.ids, [str(i) for i in range(10)])
+    mean, std = channel_stats(store.x)
+    torch.manual_seed(init_seed)
+    model = build_model(model_spec(store.image_shape, 10, 8, mean, std))
+    return model, store.subset(np.arange(40, len(store))), store.subset(np.arange(40))
+
+
+def released_weights(init_seed: int, separated, restart: str = "unseparated"):
+    params = Params.model_validate({"device": "cpu", "isolate": {"epochs": 1},
+                                    "unlearn": {"finetune_epochs": 1, "epochs": 1, "restart": restart}})
+    model, clean, quarantined = digits_model_and_sets(init_seed)
+    _, report = unlearn_stage.sanitize(model, params, clean, quarantined, torch.device("cpu"), separated=separated)
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), report
+
+
+def test_without_a_separated_group_the_released_model_carries_nothing_of_the_isolation_model():
+    # Two different "isolation models" (initialisations) give the same released model after a restart ...
+    a, report = released_weights(1, separated=False)
+    b, _ = released_weights(2, separated=False)
+    assert report["restarted"] and torch.equal(a, b)
+    # ... and different ones when unlearning continues from them (a separated group, or plain ABL).
+    c, report = released_weights(1, separated=True)
+    d, _ = released_weights(2, separated=True)
+    assert not report["restarted"] and not torch.equal(c, d)
+    e, report = released_weights(1, separated=False, restart="never")
+    assert not report["restarted"] and not torch.equal(a, e)
+    assert not unlearn_stage.restarts("unseparated", None) and unlearn_stage.restarts("always", True)
