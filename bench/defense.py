@@ -6,7 +6,9 @@ For each dataset, attack and poison rate, with one model and one epoch budget pe
 - oracle: the same training with every sample the attack touched removed (the floor for ASR);
 - abl: plain ABL (Li et al. 2021): isolate the 1% lowest-loss samples, fine-tune on the rest,
   gradient ascent on the isolated set at lr 5e-4;
-- abl+adaptive: this project's default: isolation sized from the loss curves, joint unlikelihood unlearning;
+- abl+adaptive: isolation sized from the loss curves, joint unlikelihood unlearning, and a fresh start
+  of the released model when isolation finds no evidence (unlearn.restart: no_evidence);
+- fused: the same, with the loss fused with the detectors: the pipeline's default for real images;
 - abl+joint (digits): the plain 1% isolation with joint unlearning, the pipeline's default on digits.
 The defenses call the pipeline's own functions (stages.isolate, stages.unlearn); they never see the
 red-team truth, which only the metrics read.
@@ -189,7 +191,7 @@ def run_task(task: tuple) -> tuple[list[dict], list[dict], dict | None]:
         isolated, _, report = choose(history, train, p.isolate, fused)
         model = copy.deepcopy(lga_model)
         clean = train.subset(np.setdiff1d(np.arange(len(train)), isolated))
-        sanitize(model, p, clean, train.subset(isolated), device, separated=report["separated"])
+        sanitize(model, p, clean, train.subset(isolated), device, evidence=report["evidence"])
         ca, asr = evaluate(model, p, x_test, y_test, device)
         extra = sum(detect_seconds[d] for d in p.detect.fusion)
         if kind == "defenses":

@@ -94,6 +94,11 @@ class IsolateParams(Section):
     )
     class_margin: float = Field(1.3, ge=1, le=100, description="adaptive: one class's own split counts when its "
                                 "separation is this many times the next clearest class's")
+    weak_margin: float = Field(
+        1.1, ge=1, le=100, description="adaptive, no separated group: the evidence is still 'weak' (unlearning goes on "
+        "from the isolation model) when one class's split is this many times the next clearest class's, else 'none' "
+        "(unlearn.restart)"
+    )
     max_ratio: float = Field(0.25, gt=0, le=0.5, description="adaptive: never isolate more than this share of the set")
 
 
@@ -156,11 +161,11 @@ class DetectParams(Section):
 
 class UnlearnParams(Section):
     finetune_epochs: int = Field(20, ge=0, le=1000, description="cross-entropy epochs on the clean set")
-    restart: Literal["unseparated", "never", "always"] = Field(
-        "unseparated", description="train the released model from a fresh initialisation, for isolate.epochs + "
-        "finetune_epochs epochs, instead of fine-tuning the isolation model: unseparated: when adaptive isolation "
-        "found no separated low-loss group (the isolation model may have learned a backdoor it did not isolate); "
-        "never: plain ABL, always fine-tune the isolation model"
+    restart: Literal["no_evidence", "never", "always"] = Field(
+        "no_evidence", description="train the released model from a fresh initialisation, for isolate.epochs + "
+        "finetune_epochs epochs, instead of fine-tuning the isolation model: no_evidence: when adaptive isolation "
+        "found no separated group and no class standing out (the isolation model may have learned a backdoor it "
+        "did not isolate); never: plain ABL, always fine-tune the isolation model"
     )
     mode: Literal["joint", "ascent"] = Field(
         "joint", description="ascent: plain ABL, gradient ascent -CE on the quarantined set alone; joint: each clean "

@@ -1,7 +1,7 @@
 """unlearn: ABL stage two (Li et al., NeurIPS 2021, sec. 4.2).
 
-Continue from the isolation checkpoint (or, when isolation found no separated group, from a fresh
-initialisation: `unlearn.restart`): fine-tune on the clean set with cross-entropy, then unlearn
+Continue from the isolation checkpoint (or, when isolation found no evidence of a backdoor, from a
+fresh initialisation: `unlearn.restart`): fine-tune on the clean set with cross-entropy, then unlearn
 the quarantined suspects, which breaks the trigger -> target link: plain ABL gradient ascent
 (`unlearn.mode: ascent`), or the joint mode (default), where every clean batch also pushes the
 suspects away from their label. A held-out share of the clean set watches clean accuracy;
@@ -35,7 +35,8 @@ def holdout_split(n: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarr
 
 
 def finetune(model, params: Params, x, y, x_val, y_val, gen, curve: list, watch=None, epochs: int | None = None) -> None:
-    """Cross-entropy on the clean set with augmentation and a cosine schedule (`unlearn.finetune_epochs`)."""
+    """Cross-entropy on the clean set with augmentation and a cosine schedule, for `epochs` (default
+    `unlearn.finetune_epochs`)."""
     tp = params.train
     epochs = params.unlearn.finetune_epochs if epochs is None else epochs
     opt = make_optimizer(model, tp.lr, tp)
@@ -55,17 +56,21 @@ def implicated_class(labels: np.ndarray) -> int:
     return int(np.bincount(labels).argmax())
 
 
-def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list, watch=None) -> dict:
+def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list, watch=None,
+            evidence: str | None = None) -> dict:
     """Unlearn the suspects (plain ABL ascent or joint), with a clean-accuracy guard and rollback, and
     an early stop once at most `unlearn.stop_at` of the suspects are still classified as their label.
 
     The guard leaves out held-out samples of the implicated class: unlearning is meant to change how
     the model treats samples labelled with it (poison that escaped isolation sits there), so a drop
-    there is the defense working, not damage.
+    there is the defense working, not damage. Not so when isolation found no evidence (`evidence`
+    "none"): the fallback suspects are then mostly easy clean samples of one class (CIFAR-10 subset,
+    BadNets 1%, WaNet 10%: precision 0.00-0.02), and unlearning them would erase that class unwatched
+    (WaNet 10%: clean accuracy 0.52 against 0.61), so the guard watches every class.
     """
     up = params.unlearn
     target = implicated_class(yq.cpu().numpy())
-    guard = y_val != target
+    guard = y_val != target if evidence != "none" else torch.ones_like(y_val, dtype=torch.bool)
     baseline = accuracy(model, x_val[guard], y_val[guard])
     anchors = torch.nonzero(y == target).flatten() if up.anchor else None
     opt = torch.optim.SGD(model.parameters(), lr=up.lr, momentum=params.train.momentum)
@@ -117,28 +122,28 @@ def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list,
             "guard_accuracy_after": round(accuracy(model, x_val[guard], y_val[guard]), 4)}
 
 
-def restarts(mode: str, separated: bool | None) -> bool:
+def restarts(mode: str, evidence: str | None) -> bool:
     """Whether the released model starts from fresh weights instead of the isolation model (`unlearn.restart`).
 
     ABL fine-tunes the isolation model on purpose: it learned the backdoor, and unlearning the isolated
-    samples breaks it. When adaptive isolation found no separated group, there is nothing to unlearn it
-    with, and the model keeps whatever it learned: its LGA training without augmentation learns a sparse
+    samples breaks it. When adaptive isolation found no evidence (`evidence` "none": no separated group,
+    no class standing out), there is nothing to unlearn it with, and the model keeps whatever it learned: its LGA training without augmentation learns a sparse
     trigger that standard training does not (CIFAR-10 subset, BadNets 1%: ASR 0.05 without any defense,
     0.99 after fine-tuning the isolation model). A fresh start is then never worse than no defense."""
-    return mode == "always" or (mode == "unseparated" and separated is False)
+    return mode == "always" or (mode == "no_evidence" and evidence == "none")
 
 
 def sanitize(model, params: Params, clean: Store, quarantined: Store, device: torch.device,
-             watch=None, separated: bool | None = None) -> tuple[list, dict]:
+             watch=None, evidence: str | None = None) -> tuple[list, dict]:
     """Fine-tune `model` (the isolation checkpoint) on the clean set, then unlearn the quarantined set.
-    `separated` is the isolation report's: with `restarts(...)`, the model is first reinitialised and
+    `evidence` is the isolation report's: with `restarts(...)`, the model is first reinitialised and
     trained for isolate.epochs + finetune_epochs epochs, the budget of the isolation model it replaces.
 
     Returns the curve (one dict per epoch: phase, epoch, loss, held-out clean accuracy, and what
     `watch(model)` adds) and a report; the model is changed in place.
     """
     seed_everything(params.seed)
-    restarted = restarts(params.unlearn.restart, separated)
+    restarted = restarts(params.unlearn.restart, evidence)
     if restarted:
         reinitialise(model)
     fit, val = holdout_split(len(clean), params.unlearn.holdout, params.seed)
@@ -150,14 +155,11 @@ def sanitize(model, params: Params, clean: Store, quarantined: Store, device: to
     finetune(model, params, x, y, x_val, y_val, gen, curve, watch,
              params.unlearn.finetune_epochs + (params.isolate.epochs if restarted else 0))
     report = {"unlearn_epochs_run": 0, "rolled_back": False}
-    # Without a separated group the suspects are the fallback share, not evidence of a backdoor: they stay
-    # quarantined, but unlearning them would erase the clean class they mostly come from (CIFAR-10 subset,
-    # WaNet 10%, restarted model: clean accuracy 0.52 after unlearning them, 0.65 without any defense).
-    if len(quarantined) and params.unlearn.epochs and params.isolate.ratio > 0 and not (restarted and separated is False):
+    if len(quarantined) and params.unlearn.epochs and params.isolate.ratio > 0:
         xq, yq = to_tensor(quarantined.x, device), torch.from_numpy(quarantined.labels).to(device)
-        report = unlearn(model, params, xq, yq, x, y, x_val, y_val, gen, curve, watch)
-    return curve, {"restarted": restarted, "n_finetune": int(len(fit)), "n_holdout": int(len(val)), "n_quarantined": len(quarantined),
-                   "holdout_accuracy": round(accuracy(model, x_val, y_val), 4), **report}
+        report = unlearn(model, params, xq, yq, x, y, x_val, y_val, gen, curve, watch, evidence)
+    return curve, {"restarted": restarted, "n_finetune": int(len(fit)), "n_holdout": int(len(val)),
+                   "n_quarantined": len(quarantined), "holdout_accuracy": round(accuracy(model, x_val, y_val), 4), **report}
 
 
 def redteam_watch(device: torch.device):
@@ -174,7 +176,7 @@ def run(params: Params) -> None:
     device = pick_device(params.device)
     model, ckpt = load_checkpoint(paths.ISOLATE_MODEL, device)
     curve, report = sanitize(model, params, load_store(paths.CLEAN_STORE), load_store(paths.QUARANTINE_STORE), device,
-                             redteam_watch(device), ckpt.get("separated"))
+                             redteam_watch(device), ckpt.get("evidence"))
     save_checkpoint(paths.MODEL, model, ckpt["spec"], {"seed": params.seed})
     columns = ["phase", "epoch", "loss", "clean_accuracy"] + (["asr"] if curve and "asr" in curve[0] else [])
     write_csv(paths.PLOTS / "unlearn.csv", ["step", *columns],

@@ -69,7 +69,7 @@ def synthetic_history(seed=0):
 def test_adaptive_selection_isolates_the_separated_group_of_the_implicated_class():
     history, labels, ids, backdoor, _ = synthetic_history()
     chosen, report = adaptive_selection(suspicion_score(history), labels, ids, IsolateParams())
-    assert report["rule"].startswith("adaptive") and report["implicated_label"] == 2 and report["separated"]
+    assert report["rule"].startswith("adaptive") and report["implicated_label"] == 2 and report["evidence"] == "group"
     assert chosen.tolist() == backdoor.tolist()
     # Without concentration the easy samples of class 1 may join; the cap bounds the share.
     capped, _ = adaptive_selection(suspicion_score(history), labels, ids, IsolateParams(concentrate=False, max_ratio=0.05))
@@ -78,17 +78,34 @@ def test_adaptive_selection_isolates_the_separated_group_of_the_implicated_class
 
 def test_adaptive_selection_falls_back_to_the_fixed_ratio_without_a_separated_group():
     rng = np.random.default_rng(1)
-    history = np.exp(rng.normal(-1, 0.5, size=(300, 5)))
-    labels, ids = np.arange(300) % 3, np.array([f"s{i:03d}" for i in range(300)])
+    # 500 per class, as in real sets: with 100, noise alone splits one class 1.1 times clearer a third of the time.
+    history = np.exp(rng.normal(-1, 0.5, size=(1500, 5)))
+    labels, ids = np.arange(1500) % 3, np.array([f"s{i:04d}" for i in range(1500)])
     chosen, report = adaptive_selection(suspicion_score(history), labels, ids, IsolateParams(ratio=0.02))
     assert report["rule"].startswith("ratio") and report["separation"] < 3.5
     assert chosen.tolist() == lowest(suspicion_score(history), ids, 0.02).tolist()
-    assert report["separated"] is False
+    assert report["evidence"] == "none"  # every class splits alike: nothing points at a backdoor
     # Given plain ABL's final losses, its share joins the fallback: a fused ranking never drops one of its suspects.
     final = history[:, -1]
     both, report = adaptive_selection(suspicion_score(history), labels, ids, IsolateParams(ratio=0.02), final_loss=final)
     assert set(both) == set(chosen) | set(lowest(final, ids, 0.02)) and len(both) > len(chosen)
-    assert report["separated"] is False and "plain ABL" in report["rule"]
+    assert report["evidence"] == "none" and "plain ABL" in report["rule"]
+
+
+def test_a_class_that_stands_out_short_of_a_separated_group_is_weak_evidence():
+    rng = np.random.default_rng(2)
+    labels, ids = np.arange(1500) % 3, np.array([f"s{i:04d}" for i in range(1500)])
+    log_loss = rng.normal(-1, 0.5, size=(1500, 5))
+    hint = np.flatnonzero(labels == 1)[:25]
+    log_loss[hint] = rng.normal(-2.5, 0.3, size=(25, 5))
+    # Rules 1 and 2 made strict enough not to fire: class 1 stands out, but not as a separated group.
+    p = IsolateParams(ratio=0.02, min_separation=20, class_margin=5)
+    _, report = adaptive_selection(suspicion_score(np.exp(log_loss)), labels, ids, p)
+    seps = sorted(report["class_separation"].values(), reverse=True)
+    assert report["rule"].startswith("ratio") and seps[0] >= p.weak_margin * seps[1]
+    assert report["evidence"] == "weak" and max(report["class_separation"], key=report["class_separation"].get) == "1"
+    _, strict = adaptive_selection(suspicion_score(np.exp(log_loss)), labels, ids, p.model_copy(update={"weak_margin": 5}))
+    assert strict["evidence"] == "none"
 
 
 def test_otsu_split_separates_two_clusters():

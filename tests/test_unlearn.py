@@ -73,23 +73,24 @@ def digits_model_and_sets(init_seed: int):
     return model, store.subset(np.arange(40, len(store))), store.subset(np.arange(40))
 
 
-def released_weights(init_seed: int, separated, restart: str = "unseparated"):
+def released_weights(init_seed: int, evidence, restart: str = "no_evidence"):
     params = Params.model_validate({"device": "cpu", "isolate": {"epochs": 1},
                                     "unlearn": {"finetune_epochs": 1, "epochs": 1, "restart": restart}})
     model, clean, quarantined = digits_model_and_sets(init_seed)
-    _, report = unlearn_stage.sanitize(model, params, clean, quarantined, torch.device("cpu"), separated=separated)
+    _, report = unlearn_stage.sanitize(model, params, clean, quarantined, torch.device("cpu"), evidence=evidence)
     return torch.cat([p.detach().flatten() for p in model.parameters()]), report
 
 
-def test_without_a_separated_group_the_released_model_carries_nothing_of_the_isolation_model():
+def test_without_evidence_the_released_model_carries_nothing_of_the_isolation_model():
     # Two different "isolation models" (initialisations) give the same released model after a restart ...
-    a, report = released_weights(1, separated=False)
-    b, _ = released_weights(2, separated=False)
+    a, report = released_weights(1, evidence="none")
+    b, _ = released_weights(2, evidence="none")
     assert report["restarted"] and torch.equal(a, b)
-    # ... and different ones when unlearning continues from them (a separated group, or plain ABL).
-    c, report = released_weights(1, separated=True)
-    d, _ = released_weights(2, separated=True)
-    assert not report["restarted"] and not torch.equal(c, d)
-    e, report = released_weights(1, separated=False, restart="never")
+    # ... and different ones when unlearning continues from them (a separated group, a hint, or plain ABL).
+    for evidence in ("group", "weak", None):
+        c, report = released_weights(1, evidence=evidence)
+        d, _ = released_weights(2, evidence=evidence)
+        assert not report["restarted"] and not torch.equal(c, d)
+    e, report = released_weights(1, evidence="none", restart="never")
     assert not report["restarted"] and not torch.equal(a, e)
-    assert not unlearn_stage.restarts("unseparated", None) and unlearn_stage.restarts("always", True)
+    assert unlearn_stage.restarts("always", "group")
