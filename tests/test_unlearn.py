@@ -94,3 +94,13 @@ def test_without_evidence_the_released_model_carries_nothing_of_the_isolation_mo
     e, report = released_weights(1, evidence="none", restart="never")
     assert not report["restarted"] and not torch.equal(a, e)
     assert unlearn_stage.restarts("always", "group")
+
+
+def test_a_fallback_unlearns_only_the_implicated_label():
+    # 40 quarantined digits: the fallback's union mixes the implicated label with easy samples of others.
+    _, report = released_weights(1, evidence="weak")
+    _, clean, quarantined = digits_model_and_sets(1)
+    majority = np.bincount(quarantined.labels).max()
+    assert report["n_quarantined"] == 40 and report["n_unlearned"] == majority < 40
+    _, report = released_weights(1, evidence="group")  # a separated group is unlearned whole
+    assert report["n_unlearned"] == 40
