@@ -161,16 +161,16 @@ def sanitize(model, params: Params, clean: Store, quarantined: Store, device: to
         suspects = suspects[:0]
     elif evidence in ("weak", "none") and len(quarantined):
         # The fallback's union also holds easy clean samples of other classes (plain ABL's final-loss share):
-        # they stay quarantined, but only the implicated label is unlearned. Unlearning the others erased
-        # their classes past the accuracy check (CIFAR-10 subset, blend 5%: ASR 0.997 with them, 0.000 without).
+        # they stay quarantined, but only the implicated label is unlearned. With the others, every unlearning epoch
+        # hurt their classes and was rolled back (CIFAR-10 subset, blend 5%: ASR 0.997 with them, 0.000 without).
         suspects = np.flatnonzero(quarantined.labels == implicated_class(quarantined.labels))
     if len(suspects) and params.unlearn.epochs and params.isolate.ratio > 0:
         xq = to_tensor(quarantined.x[suspects], device)
         yq = torch.from_numpy(quarantined.labels[suspects]).to(device)
         report = unlearn(model, params, xq, yq, x, y, x_val, y_val, gen, curve, watch)
     return curve, {"restarted": restarted, "n_finetune": int(len(fit)), "n_holdout": int(len(val)),
-                   "n_quarantined": len(quarantined), "n_unlearned": int(len(suspects)), "holdout_accuracy": round(accuracy(model, x_val, y_val), 4),
-                   **report}
+                   "n_quarantined": len(quarantined), "n_unlearned": int(len(suspects)),
+                   "holdout_accuracy": round(accuracy(model, x_val, y_val), 4), **report}
 
 
 def redteam_watch(device: torch.device):
