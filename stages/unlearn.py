@@ -34,11 +34,9 @@ def holdout_split(n: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarr
     return np.sort(order[k:]), np.sort(order[:k])
 
 
-def finetune(model, params: Params, x, y, x_val, y_val, gen, curve: list, watch=None, epochs: int | None = None) -> None:
-    """Cross-entropy on the clean set with augmentation and a cosine schedule, for `epochs` (default
-    `unlearn.finetune_epochs`)."""
+def finetune(model, params: Params, x, y, x_val, y_val, gen, curve: list, watch, epochs: int) -> None:
+    """Cross-entropy on the clean set with augmentation and a cosine schedule, for `epochs`."""
     tp = params.train
-    epochs = params.unlearn.finetune_epochs if epochs is None else epochs
     opt = make_optimizer(model, tp.lr, tp)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
     progress = Progress("unlearn:finetune", epochs, len(y))
