@@ -104,7 +104,8 @@ class IsolateParams(Section):
 
 TrainingDetector = Literal["strip", "mahalanobis", "spectral", "knn_density"]
 GuardDetector = Literal["quarantine_knn@isolation", "quarantine_knn@released", "knn@isolation", "knn@released",
-                        "mahalanobis@isolation", "mahalanobis@released", "disagreement@isolation"]
+                        "mahalanobis@isolation", "mahalanobis@released", "mismatch@isolation", "mismatch@released",
+                        "disagreement@isolation"]
 
 
 class DetectParams(Section):
@@ -133,7 +134,8 @@ class DetectParams(Section):
         "examples); the guard's score is the largest of their calibrated scores. knn: distance to clean training "
         "features; quarantine_knn: that distance minus the distance to the quarantined suspects' features; "
         "disagreement: how much more the isolation checkpoint than the released model believes the implicated label "
-        "(the last two are left out when the quarantine is empty). See bench/results/guard.md"
+        "(the last two are left out when the quarantine is empty); mismatch (not shipped by default): how much "
+        "farther the activations lie from the predicted class than from the nearest. See bench/results/guard.md"
     )
     guard_fpr: float = Field(0.05, gt=0, lt=1, description="false-positive rate the guard's threshold is "
                              "calibrated to, on the clean calibration split")

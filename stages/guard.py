@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from stages import paths
 from stages.config import Params
 from stages.data import Store, store_hash
-from stages.detectors import Gaussians, conv_stages, features, fit_gaussians, kth_distance, mahalanobis
+from stages.detectors import (Gaussians, conv_stages, features, fit_gaussians, kth_distance, mahalanobis,
+                              mismatch)
 from stages.errors import SanitizeError
 from stages.onnx_io import input_batches, onnx_predictor, open_session
 from stages.train import to_tensor
@@ -40,6 +41,8 @@ from stages.unlearn import implicated_class
 FAMILIES = {"knn": "feature space (Sun et al. 2022, deep nearest neighbours)",
             "quarantine_knn": "feature space (k-NN after Sun et al. 2022, clean neighbours against quarantined ones)",
             "mahalanobis": "activation space (Lee et al. 2018, class-conditional Mahalanobis)",
+            "mismatch": "activation space (Lee et al.'s Gaussians: distance to the predicted class beyond the nearest, "
+                        "the consistency check of Papernot & McDaniel 2018)",
             "disagreement": "model sensitivity (Jin et al.: prediction change under a mutation of the model; here the "
                             "isolation checkpoint against the released model, its unlearned descendant)"}
 
@@ -105,11 +108,24 @@ class MahalanobisHead(nn.Module):
             self.register_buffer(f"precision{i}", prec)
             self.register_buffer(f"scale{i}", scale.reshape(()))
 
+    def gaussians(self) -> Gaussians:
+        return Gaussians([getattr(self, f"mean{i}") for i in range(self.n)],
+                         [getattr(self, f"precision{i}") for i in range(self.n)],
+                         [getattr(self, f"scale{i}") for i in range(self.n)])
+
     def forward(self, acts: list[torch.Tensor]) -> torch.Tensor:
-        g = Gaussians([getattr(self, f"mean{i}") for i in range(self.n)],
-                      [getattr(self, f"precision{i}") for i in range(self.n)],
-                      [getattr(self, f"scale{i}") for i in range(self.n)])
-        return mahalanobis(conv_stages(acts, self.stages), g)
+        return mahalanobis(conv_stages(acts, self.stages), self.gaussians())
+
+
+class MismatchHead(MahalanobisHead):
+    """`mismatch` on the model whose `head` (its output layer, shared with the guard's backbone) predicts."""
+
+    def __init__(self, g: Gaussians, stages: str, head: nn.Linear):
+        super().__init__(g, stages)
+        self.head = head
+
+    def forward(self, acts: list[torch.Tensor]) -> torch.Tensor:
+        return mismatch(conv_stages(acts, self.stages), self.gaussians(), self.head(acts[-1]).argmax(dim=1))
 
 
 class GuardNet(nn.Module):
@@ -189,7 +205,9 @@ def build_guard(params: Params, models: dict[str, nn.Module], clean: Store, quar
             head = QuarantineKnnHead(acts[-1][bank], suspects, dp.knn_k, dp.quarantine_k)
         else:
             stage_acts = conv_stages(acts, dp.mahalanobis_stages)
-            head = MahalanobisHead(fit_gaussians(stage_acts, y_clean, len(clean.class_names)), dp.mahalanobis_stages)
+            g = fit_gaussians(stage_acts, y_clean, len(clean.class_names))
+            head = (MismatchHead(g, dp.mahalanobis_stages, models[source].head) if detector == "mismatch"
+                    else MahalanobisHead(g, dp.mahalanobis_stages))
         heads.append((reads, head.to(device)))
         described.append({"detector": detector, "model": source, "family": FAMILIES[detector], **extra})
     guard = GuardNet(models, heads).to(device).eval()

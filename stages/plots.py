@@ -68,11 +68,13 @@ def isolation_plots(history: np.ndarray, score: np.ndarray, xlabel: str, isolate
     return paths
 
 
-def unlearn_plot(curve: list[dict], path: Path) -> Path:
-    """Held-out clean accuracy (and ASR, where red-team truth exists) per fine-tuning/unlearning epoch."""
+def unlearn_plot(curve: list[dict], path: Path, held_out: bool = True) -> Path:
+    """Clean accuracy on the hold-out (on a share of the training set when nothing was held out) and ASR, where
+    red-team truth exists, per fine-tuning/unlearning epoch."""
     plt, fig, ax = _figure()
     steps = np.arange(1, len(curve) + 1)
-    ax.plot(steps, [c["clean_accuracy"] for c in curve], color=KEPT_COLOR, marker="o", label="clean accuracy (held out)")
+    ax.plot(steps, [c["clean_accuracy"] for c in curve], color=KEPT_COLOR, marker="o",
+            label="clean accuracy (held out)" if held_out else "clean accuracy (training set)")
     if curve and "asr" in curve[0]:
         ax.plot(steps, [c["asr"] for c in curve], color=ASR_COLOR, marker="s", label="ASR (red-team test images)")
     phases = [c["phase"] for c in curve]

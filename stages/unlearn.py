@@ -6,7 +6,8 @@ the quarantined suspects, which breaks the trigger -> target link: plain ABL gra
 (`unlearn.mode: ascent`), or the joint mode (default), where every clean batch also pushes the
 suspects away from their label. A held-out share of the clean set watches clean accuracy;
 an epoch after which it dropped by more than `unlearn.max_accuracy_drop` is rolled back and retried at
-half the learning rate (`unlearn.retries` times), then unlearning stops.
+half the learning rate (`unlearn.retries` times), then unlearning stops. When nothing is unlearned, nothing
+is held out: the model trains on every clean sample.
 """
 
 from __future__ import annotations
@@ -141,7 +142,14 @@ def sanitize(model, params: Params, clean: Store, quarantined: Store, device: to
     restarted = restarts(params.unlearn.restart, evidence)
     if restarted:
         reinitialise(model)
+    suspects = unlearning_suspects(quarantined.labels, restarted, evidence)
+    unlearning = bool(len(suspects) and params.unlearn.epochs and params.isolate.ratio > 0)
     fit, val = holdout_split(len(clean), params.unlearn.holdout, params.seed)
+    if not unlearning:
+        # The hold-out exists for unlearning's accuracy check; without unlearning it would only cost training data
+        # (CIFAR-10 subset, restarted model at 1% poison: 1-3 points of clean accuracy). The curve then shows
+        # accuracy on that share of the training set, and the report no held-out figure.
+        fit = np.arange(len(clean))
     x_all, y_all = to_tensor(clean.x, device), torch.from_numpy(clean.labels).to(device)
     x, y, x_val, y_val = x_all[fit], y_all[fit], x_all[val], y_all[val]
     gen = torch.Generator(device=device).manual_seed(params.seed)
@@ -150,25 +158,30 @@ def sanitize(model, params: Params, clean: Store, quarantined: Store, device: to
     finetune(model, params, x, y, x_val, y_val, gen, curve, watch,
              params.unlearn.finetune_epochs + (params.isolate.epochs if restarted else 0))
     report = {"unlearn_epochs_run": 0, "rolled_back": False}
-    suspects = np.arange(len(quarantined))
-    if restarted and evidence == "none":
-        # No evidence: the fallback suspects are mostly easy clean samples of one class (CIFAR-10 subset, BadNets 1%,
-        # WaNet 10%: precision 0.00-0.02). They stay quarantined, but unlearning them from the restarted model cost
-        # clean accuracy even with the accuracy check watching every class (WaNet 5%/10%: 0.59/0.56 against
-        # 0.64/0.61 without; SIG 1%: 0.60 against 0.65) and did not lower ASR where it mattered.
-        suspects = suspects[:0]
-    elif evidence in ("weak", "none") and len(quarantined):
-        # The fallback's union also holds easy clean samples of other classes (plain ABL's final-loss share):
-        # they stay quarantined, but only the implicated label is unlearned. With the others, every unlearning epoch
-        # hurt their classes and was rolled back (CIFAR-10 subset, blend 5%: ASR 0.997 with them, 0.000 without).
-        suspects = np.flatnonzero(quarantined.labels == implicated_class(quarantined.labels))
-    if len(suspects) and params.unlearn.epochs and params.isolate.ratio > 0:
+    if unlearning:
         xq = to_tensor(quarantined.x[suspects], device)
         yq = torch.from_numpy(quarantined.labels[suspects]).to(device)
         report = unlearn(model, params, xq, yq, x, y, x_val, y_val, gen, curve, watch)
-    return curve, {"restarted": restarted, "n_finetune": int(len(fit)), "n_holdout": int(len(val)),
-                   "n_quarantined": len(quarantined), "n_unlearned": int(len(suspects)),
-                   "holdout_accuracy": round(accuracy(model, x_val, y_val), 4), **report}
+    return curve, {"restarted": restarted, "n_finetune": int(len(fit)), "n_holdout": int(len(val)) if unlearning else 0,
+                   "n_quarantined": len(quarantined), "n_unlearned": int(len(suspects)) if unlearning else 0,
+                   "holdout_accuracy": round(accuracy(model, x_val, y_val), 4) if unlearning else None, **report}
+
+
+def unlearning_suspects(labels: np.ndarray, restarted: bool, evidence: str | None) -> np.ndarray:
+    """Which quarantined suspects (indices) are unlearned; the others stay quarantined all the same."""
+    suspects = np.arange(len(labels))
+    if restarted and evidence == "none":
+        # No evidence: the fallback suspects are mostly easy clean samples of one class (CIFAR-10 subset, BadNets 1%,
+        # WaNet 10%: precision 0.00-0.02). Unlearning them from the restarted model cost clean accuracy even with the
+        # accuracy check watching every class (WaNet 5%/10%: 0.59/0.56 against 0.64/0.61 without; SIG 1%: 0.60
+        # against 0.65) and did not lower ASR where it mattered.
+        return suspects[:0]
+    if evidence in ("weak", "none") and len(labels):
+        # The fallback's union also holds easy clean samples of other classes (plain ABL's final-loss share): only the
+        # implicated label is unlearned. With the others, every unlearning epoch hurt their classes and was rolled
+        # back (CIFAR-10 subset, blend 5%: ASR 0.997 with them, 0.000 without).
+        return np.flatnonzero(labels == implicated_class(labels))
+    return suspects
 
 
 def redteam_watch(device: torch.device):
@@ -191,5 +204,5 @@ def run(params: Params) -> None:
     write_csv(paths.PLOTS / "unlearn.csv", ["step", *columns],
               [(k + 1, *(round(c[col], 6) if isinstance(c[col], float) else c[col] for col in columns))
                for k, c in enumerate(curve)])
-    unlearn_plot(curve, paths.PLOTS / "unlearn.png")
+    unlearn_plot(curve, paths.PLOTS / "unlearn.png", held_out=report["n_holdout"] > 0)
     write_json(paths.metrics_file("unlearn"), {"device": device.type, **report})

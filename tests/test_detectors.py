@@ -10,7 +10,8 @@ import torch
 
 from conftest import stage_cli
 from stages.config import Params
-from stages.detectors import auroc, fit_gaussians, kth_distance, knn_density, mahalanobis, spectral, strip
+from stages.detectors import (auroc, fit_gaussians, kth_distance, knn_density, mahalanobis, mismatch, spectral,
+                              strip)
 from stages.errors import SanitizeError
 from stages.guard import DisagreementHead, QuarantineKnnHead, build_guard, calibrated_threshold
 from stages.isolate import kittler_split, otsu_split
@@ -64,6 +65,23 @@ def test_feature_and_activation_detectors_rank_the_planted_outliers_first():
     assert auroc(m[truth], m[~truth]) > 0.95
 
 
+def test_mismatch_flags_activations_of_one_class_predicted_as_another():
+    """Two classes around +-3 e0: an input whose activations sit in class 1 but which the model calls class 0 (a
+    warping trigger) scores high; mahalanobis, which only asks how near the nearest class is, does not see it."""
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.stack([3 * torch.eye(8)[0], -3 * torch.eye(8)[0]])
+    labels = torch.arange(400) % 2
+    g = fit_gaussians([centres[labels] + torch.randn(400, 8, generator=gen)], labels, 2)
+    new = torch.arange(200) % 2
+    acts = centres[new] + torch.randn(200, 8, generator=gen)
+    clean, triggered = mismatch([acts], g, new), mismatch([acts], g, torch.zeros(200, dtype=torch.long))
+    obeyed = new == 1  # the trigger changed these predictions
+    assert clean.abs().max() < 1e-3 and auroc(triggered[obeyed], clean) > 0.99
+    assert torch.equal(triggered[~obeyed], clean[~obeyed])
+    near = mahalanobis([acts], g)
+    assert auroc(near[obeyed], near) < 0.6
+
+
 def test_quarantine_knn_scores_inputs_beside_the_suspects_above_clean_ones():
     gen = torch.Generator().manual_seed(0)
     clean = torch.randn(400, 16, generator=gen)
@@ -111,10 +129,10 @@ def test_guard_leaves_the_quarantine_detectors_out_when_nothing_is_quarantined()
 
     model = build_model(model_spec((8, 8, 1), 3, 8, [0.5], [0.25])).eval()
     models, empty = {"released": model, "isolation": model}, store(np.arange(0))
-    params = Params()  # the default guard: disagreement, quarantine_knn, mahalanobis
+    params = Params.model_validate({"detect": {"guard": [*Params().detect.guard, "mismatch@released"]}})
     guard, report = build_guard(params, models, store(np.arange(40)), empty, store(np.arange(40, 60)), torch.device("cpu"))
     assert report["left_out"] == ["disagreement@isolation", "quarantine_knn@isolation"]
-    assert [d["detector"] for d in report["detectors"]] == ["mahalanobis"] and len(guard.heads) == 1
+    assert [d["detector"] for d in report["detectors"]] == ["mahalanobis", "mismatch"] and len(guard.heads) == 2
     only = Params.model_validate({"detect": {"guard": ["quarantine_knn@isolation"]}})
     with pytest.raises(SanitizeError, match="quarantine is empty"):
         build_guard(only, models, store(np.arange(40)), empty, store(np.arange(40, 60)), torch.device("cpu"))

@@ -104,5 +104,8 @@ def test_a_fallback_unlearns_only_the_implicated_label():
     assert report["n_quarantined"] == 40 and report["n_unlearned"] == majority < 40
     _, report = released_weights(1, evidence="group")  # a separated group is unlearned whole
     assert report["n_unlearned"] == 40
-    _, report = released_weights(1, evidence="none")  # no evidence: restarted, nothing unlearned
+    assert report["n_finetune"] + report["n_holdout"] == len(clean) and report["n_holdout"] > 0
+    _, report = released_weights(1, evidence="none")  # no evidence: restarted, nothing unlearned ...
     assert report["restarted"] and report["n_unlearned"] == 0 and report["unlearn_epochs_run"] == 0
+    # ... so nothing is held out for unlearning's accuracy check: the released model trains on every clean sample.
+    assert report["n_finetune"] == len(clean) and report["n_holdout"] == 0 and report["holdout_accuracy"] is None
