@@ -148,8 +148,8 @@ def sanitize(model, params: Params, clean: Store, quarantined: Store, device: to
     if not unlearning:
         # The hold-out exists for unlearning's accuracy check; without unlearning it would only withhold training data.
         # (Measured on the CIFAR-10 subset at 1% poison, the change in clean accuracy was within run-to-run noise:
-        # BadNets 0.672 -> 0.652, SIG 0.652 -> 0.653; three seeds of standard training gave 0.662-0.690.) The curve
-        # then shows accuracy on that share of the training set, and the report no held-out figure.
+        # BadNets 0.672 -> 0.652, SIG 0.652 -> 0.653; four seeds of standard training, bench.spread: 0.662-0.690.)
+        # The curve then shows accuracy on that share of the training set, and the report no held-out figure.
         fit = np.arange(len(clean))
     x_all, y_all = to_tensor(clean.x, device), torch.from_numpy(clean.labels).to(device)
     x, y, x_val, y_val = x_all[fit], y_all[fit], x_all[val], y_all[val]

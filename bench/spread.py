@@ -1,0 +1,102 @@
+"""python -m bench.spread: how much one training run differs from another, the yardstick for bench.defense.
+
+bench.defense trains one model per row, so a gap between two rows is partly the gap between two training
+runs. This trains the `none` recipe of a dataset profile on its clean training set (poison rate 0) once per
+seed and reports each run's clean accuracy and, for the guard's adversarial check, the TPR of
+`mahalanobis@released` on PGD (L-inf eps 8/255, 10 steps) at the guard's calibrated threshold, on the same
+calibration and evaluation split as bench.defense. Writes bench/results/spread.json and spread.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.defense import PROFILES, ROOT, adversarial, load_case, machine, train_standard
+from stages.data import calibration_split, make_store
+from stages.detectors import auroc
+from stages.fileio import write_json, write_text
+from stages.guard import build_guard, calibrated_threshold
+from stages.train import predict_logits, to_tensor
+
+
+def run_seed(task: tuple) -> dict:
+    dataset, seed, threads = task
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
+    params, train, x_test, y_test, _, _ = load_case(dataset, "badnets", 0.0)  # rate 0: nothing poisoned
+    model = train_standard(params.model_copy(update={"seed": seed}), train, device).eval()
+    return {"dataset": dataset, "seed": seed, **measure(model, params, train, x_test, y_test, device),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def measure(model, params, train, x_test: np.ndarray, y_test: np.ndarray, device) -> dict:
+    """Clean accuracy on the whole test split; mahalanobis@released fitted on `train`, calibrated and measured
+    against PGD on bench.defense's split."""
+    x_all = to_tensor(x_test, device)
+    accuracy = float((predict_logits(model, x_all).argmax(1).cpu().numpy() == y_test).mean())
+    test_idx, cal_idx = calibration_split(y_test, params.data.calibration_size, params.seed)
+    calibration = make_store(x_test[cal_idx], y_test[cal_idx], [str(i) for i in cal_idx], train.class_names)
+    only = params.model_copy(update={"detect": params.detect.model_copy(update={"guard": ["mahalanobis@released"]})})
+    guard, _ = build_guard(only, {"released": model, "isolation": model}, train, train.subset(np.arange(0)),
+                           calibration, device)
+    x_eval, y_eval = x_all[test_idx], torch.from_numpy(y_test[test_idx]).to(device)
+    x_pgd = adversarial(model, x_eval, y_eval, 10)
+    with torch.no_grad():
+        cal, clean, pgd = (guard(x)[0].cpu() for x in (to_tensor(calibration.x, device), x_eval, x_pgd))
+    threshold = calibrated_threshold(cal.numpy(), params.detect.guard_fpr, params.detect.guard_confidence)
+    return {"clean_accuracy": round(accuracy, 4), "pgd_tpr": round(float((pgd > threshold).float().mean()), 4),
+            "fpr": round(float((clean > threshold).float().mean()), 4), "pgd_auroc": round(auroc(pgd, clean), 4)}
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = ["# Run-to-run spread", "", f"Machine: {meta['machine']}.", "",
+             "The `none` recipe of each profile (bench/results/defense.md) trained on the clean training set, once "
+             "per seed. clean_accuracy on the whole test split; pgd_tpr and fpr of `mahalanobis@released` at the "
+             "guard's calibrated threshold (5% FPR, 90% confidence) on bench.defense's calibration split.", "",
+             "| dataset | seed | clean_accuracy | pgd_tpr | fpr | pgd_auroc | seconds |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['dataset']} | {r['seed']} | {r['clean_accuracy']:.3f} | {r['pgd_tpr']:.3f} | {r['fpr']:.3f} | "
+              f"{r['pgd_auroc']:.3f} | {r['seconds']} |" for r in rows]
+    for dataset in sorted({r["dataset"] for r in rows}):
+        ca = [r["clean_accuracy"] for r in rows if r["dataset"] == dataset]
+        tpr = [r["pgd_tpr"] for r in rows if r["dataset"] == dataset]
+        spread = f", standard deviation {statistics.stdev(ca):.3f}" if len(ca) > 1 else ""
+        lines += ["", f"{dataset}: clean accuracy {min(ca):.3f}-{max(ca):.3f}{spread}; "
+                  f"PGD TPR {min(tpr):.3f}-{max(tpr):.3f}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.spread", description=__doc__.split("\n")[0])
+    ap.add_argument("--dataset", default="cifar10", choices=sorted(PROFILES))
+    ap.add_argument("--seeds", default="0,1,2,3")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = ap.parse_args(argv)
+    os.chdir(ROOT)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        rows = list(pool.map(run_seed, [(args.dataset, s, threads) for s in seeds]))
+    for r in rows:
+        print(f"[spread] {r['dataset']} seed {r['seed']}: CA {r['clean_accuracy']:.3f} PGD TPR {r['pgd_tpr']:.3f} "
+              f"FPR {r['fpr']:.3f}", file=sys.stderr)
+    meta = {"machine": machine(), "wall_seconds": round(time.perf_counter() - t0, 1), "profile": PROFILES[args.dataset]}
+    write_json(args.out / "spread.json", rows)
+    write_text(args.out / "spread.md", markdown(rows, meta))
+    print(f"[spread] wrote {args.out / 'spread.md'} ({meta['wall_seconds'] / 60:.1f} min)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
