@@ -369,7 +369,7 @@ def guard_markdown(rows: list[dict], costs: list[dict], meta: dict) -> str:
               "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {c['dataset']} | {c['attack']} | {c['poison_rate']} | {c['isolate_seconds']} | "
               f"{json.dumps(c['detect_seconds'])} | {c['model_seconds']} | {c['guard_seconds']} | "
-              f"{c['guard_over_model']} | {c.get('torch_guard_over_model', '')} |"
+              f"{c['guard_over_model']} | {c['torch_guard_over_model']} |"
               for c in costs]
     return "\n".join(lines) + "\n"
 
