@@ -68,7 +68,7 @@ def isolation_plots(history: np.ndarray, score: np.ndarray, xlabel: str, isolate
     return paths
 
 
-def unlearn_plot(curve: list[dict], path: Path, held_out: bool = True) -> Path:
+def unlearn_plot(curve: list[dict], path: Path, held_out: bool) -> Path:
     """Clean accuracy on the hold-out (on a share of the training set when nothing was held out) and ASR, where
     red-team truth exists, per fine-tuning/unlearning epoch."""
     plt, fig, ax = _figure()
