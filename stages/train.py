@@ -79,6 +79,17 @@ def make_optimizer(model: nn.Module, lr: float, p: TrainParams) -> torch.optim.O
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=p.momentum, weight_decay=p.weight_decay, nesterov=True)
 
 
+def batches(n: int, batch_size: int, gen: torch.Generator, device) -> tuple[torch.Tensor, ...]:
+    """One epoch's random order in ceil(n / batch_size) batches of nearly equal size (differing by at most one).
+
+    Slicing by batch_size would leave a remainder batch, as small as one sample, whose BatchNorm statistics and
+    gradient step are noise; it is the last update of every epoch. Measured on the CIFAR-10 subset, 4,997
+    training images at batch 128 (a last batch of 5): clean accuracy 0.619-0.658 and PGD TPR of the guard's
+    mahalanobis 0.49-0.69 in four runs, against 0.662-0.690 and 0.85-0.94 with 5,085 images (a last batch of 93)."""
+    order = torch.randperm(n, generator=gen, device=device)
+    return torch.tensor_split(order, -(-n // batch_size)) if n else ()
+
+
 def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                 loss_fn: Callable[[torch.Tensor], torch.Tensor], batch_size: int, gen: torch.Generator,
                 padding: int = 0, flip: bool = False, freeze_bn: bool = False) -> float:
@@ -88,10 +99,8 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
     statistics would otherwise overwrite those learned from the whole set).
     """
     model.train(not freeze_bn)
-    order = torch.randperm(len(y), generator=gen, device=y.device)
     total = 0.0
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+    for idx in batches(len(y), batch_size, gen, y.device):
         xb = augment(x[idx], padding, flip, gen)
         loss = loss_fn(F.cross_entropy(model(xb), y[idx], reduction="none"))
         opt.zero_grad(set_to_none=True)
@@ -128,10 +137,8 @@ def joint_unlearn_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.T
     (measured on digits without anchors: class 0 test accuracy 1.0 -> 0.0 in one epoch).
     """
     model.train()
-    order = torch.randperm(len(y), generator=gen, device=y.device)
     clean_total, suspect_total = 0.0, 0.0
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+    for idx in batches(len(y), batch_size, gen, y.device):
         if len(yq) > suspects_per_batch:
             pick = torch.randperm(len(yq), generator=gen, device=yq.device)[:suspects_per_batch]
             xs, ys = xq[pick], yq[pick]

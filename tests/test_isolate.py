@@ -9,7 +9,7 @@ from stages.config import IsolateParams, Params
 from stages.data import make_store
 from stages.isolate import adaptive_selection, lowest, otsu_split, select_isolated, suspicion_score, train_lga
 from stages.sources import read_digits
-from stages.train import lga_loss
+from stages.train import batches, lga_loss
 from stages.triggers import poison
 
 
@@ -113,3 +113,13 @@ def test_otsu_split_separates_two_clusters():
     threshold, separation = otsu_split(values)
     assert threshold == -10.0 and separation > 10
     assert otsu_split(np.zeros(10)) == (0.0, 0.0)
+
+
+def test_an_epoch_has_no_remainder_batch_and_visits_every_sample_once():
+    gen = torch.Generator().manual_seed(0)
+    for n, size in ((4997, 128), (5085, 128), (14, 64), (128, 128)):
+        parts = batches(n, size, gen, "cpu")
+        sizes = [len(b) for b in parts]
+        assert len(parts) == -(-n // size) and max(sizes) - min(sizes) <= 1  # 4,997 at 128: no batch of 5
+        assert sorted(torch.cat(parts).tolist()) == list(range(n))
+    assert batches(0, 64, gen, "cpu") == ()
