@@ -358,7 +358,7 @@ def guard_markdown(rows: list[dict], costs: list[dict], meta: dict) -> str:
              "images, TPR on malicious ones (red-team triggered non-target images, or FGSM / PGD, L-inf eps 8/255, "
              "PGD 10 steps of eps/4, against the released model of a clean training run, poison rate 0). `guard` "
              "is the shipped combination (largest calibrated score of `detect.guard`: each detector at 0 on its "
-             "calibration median, 1 at its own 95th percentile); the other rows are its detectors alone and "
+             "calibration median, 1 at its own score of the calibration rank the threshold keeps); the other rows are its detectors alone and "
              "unshipped alternatives (`strip@isolation` costs one forward pass per blend).", "",
              "| " + " | ".join(GUARD_KEYS) + " |", "|" + "---|" * len(GUARD_KEYS)]
     lines += ["| " + " | ".join(fmt(r[k]) for k in GUARD_KEYS) + " |" for r in rows]

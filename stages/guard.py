@@ -8,9 +8,9 @@ cost, and the guard can be recalibrated without touching the model. It takes the
 Each detector (params detect.guard) scores the input on the released model, on the isolation checkpoint,
 which learned the trigger on purpose, so a triggered input lands where the poison did, or on both
 (disagreement). Each score is put on one scale by the clean calibration split: 0 at its median, 1 at its
-own (1 - detect.guard_fpr) quantile; the guard's score is the largest, and its threshold keeps the
-false-positive rate at most `detect.guard_fpr` with probability `detect.guard_confidence`
-(`calibrated_threshold`), judged on that split. The threshold, the calibration data's hash and the
+own score of the calibration rank the threshold keeps (`allowed_flags`); the guard's score is the largest,
+and its threshold keeps the false-positive rate at most `detect.guard_fpr` with probability
+`detect.guard_confidence` (`calibrated_threshold`), judged on that split. The threshold, the calibration data's hash and the
 detectors are in the file's metadata.
 
 `python -m stages guard IMAGE... [--json]` prints each image's predicted class, score and verdict.
