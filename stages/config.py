@@ -144,6 +144,11 @@ class DetectParams(Section):
         "judged from the clean calibration split (a binomial bound: more calibration images, less margin); 0.5: the "
         "plain 95th percentile, whose FPR on new images exceeds guard_fpr about half the time"
     )
+    guard_released_share: float = Field(
+        0.7, ge=0, le=1, description="share of guard_fpr by which the released model's detectors are scaled "
+        "(adversarial examples lie just past its clean tail); the isolation checkpoint's split the rest (a learned "
+        "trigger lies far out). Scales only: the threshold's bound holds for any share (stages/guard.py:fpr_shares)"
+    )
     disagreement_eps: float = Field(0.05, gt=0, le=1, description="guard disagreement: added to both models' "
                                     "probabilities of the implicated label before their log-ratio")
     knn_k: int = Field(10, ge=1, le=1000, description="guard knn, quarantine_knn: clean neighbour whose distance is "

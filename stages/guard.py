@@ -8,10 +8,10 @@ cost, and the guard can be recalibrated without touching the model. It takes the
 Each detector (params detect.guard) scores the input on the released model, on the isolation checkpoint,
 which learned the trigger on purpose, so a triggered input lands where the poison did, or on both
 (disagreement). Each score is put on one scale by the clean calibration split: 0 at its median, 1 at its
-own score of the calibration rank the threshold keeps (`allowed_flags`); the guard's score is the largest,
-and its threshold keeps the false-positive rate at most `detect.guard_fpr` with probability
-`detect.guard_confidence` (`calibrated_threshold`), judged on that split. The threshold, the calibration data's hash and the
-detectors are in the file's metadata.
+own calibration score of the rank that its share of the false-positive budget keeps (`fpr_shares`); the
+guard's score is the largest, and its threshold keeps the false-positive rate at most `detect.guard_fpr`
+with probability `detect.guard_confidence` (`calibrated_threshold`), judged on that split. The threshold,
+the calibration data's hash and the detectors are in the file's metadata.
 
 `python -m stages guard IMAGE... [--json]` prints each image's predicted class, score and verdict.
 """
@@ -160,6 +160,32 @@ def allowed_flags(n: int, fpr: float, confidence: float) -> int:
     return max(int(np.searchsorted(binom.cdf(np.arange(n), n, fpr), 1 - confidence, side="right")) - 1, 0)
 
 
+def fpr_shares(entries: list[str], released_share: float) -> list[float]:
+    """Each detector's share of the false-positive budget, for its scale (`build_guard`): the released model's
+    detectors split `released_share`, the isolation checkpoint's the rest; a group alone takes it all.
+
+    Shares shape the scales only; the threshold's bound holds for any. With every detector scaled at the full
+    budget, the union of their tails pushed the threshold past all of them (CIFAR-10 subset: 1.55 times each
+    one's own rank), and mahalanobis, which alone caught 0.815 of PGD, caught 0.674 in the guard. A learned
+    trigger lies far out for the isolation checkpoint's detectors (AUROC 0.99-1.00 at 5-10% poison), an
+    adversarial example just past the clean tail of the released model's: at 0.7 for the released model, PGD
+    0.829 (FPR 0.037), SIG 5% 0.811 against 0.825; at 1/3 each, PGD 0.615."""
+    released = [entry.endswith("@released") for entry in entries]
+    n_released, n_isolation = sum(released), len(entries) - sum(released)
+    if not n_released or not n_isolation:
+        return [1 / len(entries)] * len(entries)
+    return [released_share / n_released if r else (1 - released_share) / n_isolation for r in released]
+
+
+def detector_scales(raw: torch.Tensor, shares: list[float], fpr: float, confidence: float):
+    """(centre, scale) per detector from clean calibration scores [n, detectors]: 0 at its median, 1 at the
+    calibration score of the rank that its share of the budget keeps (`allowed_flags`)."""
+    ranked, n = raw.sort(dim=0).values, len(raw)
+    kept = torch.stack([ranked[n - allowed_flags(n, fpr * share, confidence) - 1, j] for j, share in enumerate(shares)])
+    centre = raw.median(dim=0).values
+    return centre, (kept - centre).clamp_min(1e-6)
+
+
 def calibrated_threshold(scores: np.ndarray, fpr: float, confidence: float = 0.5) -> float:
     """A threshold (flag = score > threshold) under which the guard's true false-positive rate is at most
     `fpr` with probability `confidence`, from these clean calibration scores.
@@ -217,22 +243,22 @@ def build_guard(params: Params, models: dict[str, nn.Module], clean: Store, quar
     guard = GuardNet(models, heads).to(device).eval()
     x_cal = to_tensor(calibration.x, device)
     raw = guard.detector_scores(x_cal)  # centre 0, scale 1 so far: the raw scores
-    # Each detector on one scale by its upper tail, where the threshold lies: 0 at its calibration median, 1 at
-    # its own calibration score of the rank the threshold keeps (`allowed_flags`). A spread such as the MAD would
-    # let one detector's heavy tail set the threshold for all: measured (CIFAR-10 subset, clean training run), with
-    # disagreement beside mahalanobis PGD's TPR fell from 0.61 to 0.21 on MAD z-scores, 0.59 at the 95th
-    # percentile. So would a fixed percentile when the calibration split is small and the threshold lies at its
-    # maximum: default digits run, 72 images, mahalanobis's maximum 2.46 times its 95th percentile set the
-    # threshold above every triggered digit's disagreement (TPR 0.0; 0.90 at the kept rank, FPR 0.031).
-    centre = raw.median(dim=0).values
-    kept = raw.sort(dim=0).values[len(raw) - allowed_flags(len(raw), dp.guard_fpr, dp.guard_confidence) - 1]
+    # Each detector on one scale by its upper tail, where the threshold lies: 0 at its calibration median, 1 at the
+    # calibration rank that its share of the budget keeps. A spread such as the MAD would let one detector's heavy
+    # tail set the threshold for all: measured (CIFAR-10 subset, clean training run), with disagreement beside
+    # mahalanobis PGD's TPR fell from 0.61 to 0.21 on MAD z-scores, 0.59 at the 95th percentile. So would a fixed
+    # percentile when the calibration split is small and the threshold lies at its maximum: default digits run,
+    # 72 images, mahalanobis's maximum 2.46 times its 95th percentile set the threshold above every triggered
+    # digit's disagreement (TPR 0.0; 0.90 at the kept rank, FPR 0.031).
+    shares = fpr_shares(entries, dp.guard_released_share)
+    centre, scale = detector_scales(raw, shares, dp.guard_fpr, dp.guard_confidence)
     guard.centre.copy_(centre)
-    guard.scale.copy_((kept - centre).clamp_min(1e-6))
+    guard.scale.copy_(scale)
     score = guard(x_cal)[0].cpu().numpy()
     threshold = calibrated_threshold(score, dp.guard_fpr, dp.guard_confidence)
     guard.threshold.fill_(threshold)
-    for d, c, s in zip(described, guard.centre.tolist(), guard.scale.tolist()):
-        d.update(centre=round(c, 6), scale=round(s, 6))
+    for d, c, s, share in zip(described, guard.centre.tolist(), guard.scale.tolist(), shares):
+        d.update(centre=round(c, 6), scale=round(s, 6), fpr_share=round(share, 4))
     report = {"threshold": threshold, "target_fpr": dp.guard_fpr, "confidence": dp.guard_confidence,
               "n_calibration": len(calibration),
               "calibration_fpr": float(np.mean(score > threshold)), "calibration_hash": store_hash(calibration),

@@ -13,7 +13,8 @@ from stages.config import Params
 from stages.detectors import (auroc, fit_gaussians, kth_distance, knn_density, mahalanobis, mismatch, spectral,
                               strip)
 from stages.errors import SanitizeError
-from stages.guard import DisagreementHead, QuarantineKnnHead, build_guard, calibrated_threshold
+from stages.guard import (DisagreementHead, QuarantineKnnHead, build_guard, calibrated_threshold, detector_scales,
+                          fpr_shares)
 from stages.isolate import kittler_split, otsu_split
 
 
@@ -48,6 +49,31 @@ def test_calibrated_threshold_holds_its_false_positive_rate_with_the_confidence_
         overshoot[confidence] = np.mean(fpr > 0.05)
     # Measured: 0.41 and 0.04 (k is whole, so the bound is a little cautious).
     assert 0.3 < overshoot[0.5] <= 0.5 + 0.03 and overshoot[0.9] <= 0.1 + 0.03
+
+
+def test_guard_gives_the_released_models_detectors_their_share_of_the_false_positive_budget():
+    assert fpr_shares(["disagreement@isolation", "quarantine_knn@isolation", "mahalanobis@released"], 0.7) == \
+        pytest.approx([0.15, 0.15, 0.7])
+    assert fpr_shares(["knn@released", "mahalanobis@released"], 0.7) == [0.5, 0.5]  # one group: all of it
+    # A heavy-tailed trigger detector beside an adversarial one; the adversarial inputs lie just past the clean tail
+    # of the second. Scaled at the whole budget each, the union of tails lifts the threshold past both.
+    rng = np.random.default_rng(0)
+
+    def clean(n):
+        return torch.from_numpy(np.stack([rng.lognormal(0, 1.5, n), rng.normal(size=n)], axis=1))
+
+    cal, fresh = clean(500), clean(20000)
+    adversarial = torch.from_numpy(np.stack([rng.lognormal(0, 1.5, 2000), rng.normal(2.2, 0.3, 2000)], axis=1))
+
+    def rates(shares):
+        centre, scale = detector_scales(cal, shares, 0.05, 0.9)
+        score = lambda x: ((x - centre) / scale).amax(dim=1).numpy()  # noqa: E731 (the guard's own rule)
+        threshold = calibrated_threshold(score(cal), 0.05, 0.9)
+        return float(np.mean(score(adversarial) > threshold)), float(np.mean(score(fresh) > threshold))
+
+    (tpr_full, fpr_full), (tpr_share, fpr_share) = rates([1.0, 1.0]), rates(fpr_shares(["t@isolation", "a@released"], 0.7))
+    assert tpr_share > tpr_full + 0.1
+    assert max(fpr_full, fpr_share) <= 0.05  # the threshold's bound holds whatever the shares
 
 
 def test_feature_and_activation_detectors_rank_the_planted_outliers_first():
