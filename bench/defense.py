@@ -358,8 +358,9 @@ def guard_markdown(rows: list[dict], costs: list[dict], meta: dict) -> str:
              "images, TPR on malicious ones (red-team triggered non-target images, or FGSM / PGD, L-inf eps 8/255, "
              "PGD 10 steps of eps/4, against the released model of a clean training run, poison rate 0). `guard` "
              "is the shipped combination (largest calibrated score of `detect.guard`: each detector at 0 on its "
-             "calibration median, 1 at its own score of the calibration rank the threshold keeps); the other rows are its detectors alone and "
-             "unshipped alternatives (`strip@isolation` costs one forward pass per blend).", "",
+             "calibration median, 1 at its own score of the calibration rank its share of the budget keeps, "
+             "`detect.guard_released_share`); the other rows are its detectors alone and unshipped alternatives "
+             "(`strip@isolation` costs one forward pass per blend).", "",
              "| " + " | ".join(GUARD_KEYS) + " |", "|" + "---|" * len(GUARD_KEYS)]
     lines += ["| " + " | ".join(fmt(r[k]) for k in GUARD_KEYS) + " |" for r in rows]
     lines += ["", "Cost, per case: isolation (LGA training) and each training-time detector on the training set; "

@@ -67,11 +67,15 @@ def test_guard_gives_the_released_models_detectors_their_share_of_the_false_posi
 
     def rates(shares):
         centre, scale = detector_scales(cal, shares, 0.05, 0.9)
-        score = lambda x: ((x - centre) / scale).amax(dim=1).numpy()  # noqa: E731 (the guard's own rule)
+
+        def score(x):  # the guard's own rule: the largest scaled score
+            return ((x - centre) / scale).amax(dim=1).numpy()
+
         threshold = calibrated_threshold(score(cal), 0.05, 0.9)
         return float(np.mean(score(adversarial) > threshold)), float(np.mean(score(fresh) > threshold))
 
-    (tpr_full, fpr_full), (tpr_share, fpr_share) = rates([1.0, 1.0]), rates(fpr_shares(["t@isolation", "a@released"], 0.7))
+    tpr_full, fpr_full = rates([1.0, 1.0])  # before the shares: each detector scaled at the whole budget
+    tpr_share, fpr_share = rates(fpr_shares(["trigger@isolation", "adversarial@released"], 0.7))
     assert tpr_share > tpr_full + 0.1
     assert max(fpr_full, fpr_share) <= 0.05  # the threshold's bound holds whatever the shares
 
