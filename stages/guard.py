@@ -168,8 +168,9 @@ def fpr_shares(entries: list[str], released_share: float) -> list[float]:
     budget, the union of their tails pushed the threshold past all of them (CIFAR-10 subset: 1.55 times each
     one's own rank), and mahalanobis, which alone caught 0.815 of PGD, caught 0.674 in the guard. A learned
     trigger lies far out for the isolation checkpoint's detectors (AUROC 0.99-1.00 at 5-10% poison), an
-    adversarial example just past the clean tail of the released model's: at 0.7 for the released model, PGD
-    0.829 (FPR 0.037), SIG 5% 0.811 against 0.825; at 1/3 each, PGD 0.615."""
+    adversarial example just past the clean tail of the released model's. At 0.7 for the released model (full
+    benchmark): PGD 0.829 (FPR 0.037), BadNets and blend 10% 1.000 as before, but BadNets 5% 0.884 against
+    0.989, where isolation found a weaker group; at 1/3 each, PGD 0.615; at 0.5, 0.796."""
     released = [entry.endswith("@released") for entry in entries]
     n_released, n_isolation = sum(released), len(entries) - sum(released)
     if not n_released or not n_isolation:
