@@ -231,6 +231,18 @@ def best_time(fn, repeats: int = 3) -> float:
     return min(times)
 
 
+def guard_split(params: Params, x_test: np.ndarray, y_test: np.ndarray, class_names: list[str]):
+    """(evaluation indices, calibration store): the test split's share that calibrates the guard, as ingest holds it out."""
+    test_idx, cal_idx = calibration_split(y_test, params.data.calibration_size, params.seed)
+    return test_idx, make_store(x_test[cal_idx], y_test[cal_idx], [str(i) for i in cal_idx], class_names)
+
+
+def detection_rates(bad: np.ndarray, clean: np.ndarray, threshold: float) -> dict:
+    """TPR on malicious scores, FPR on clean ones at `threshold` (flag = score > threshold), and AUROC."""
+    return {"tpr": round(float(np.mean(bad > threshold)), 4), "fpr": round(float(np.mean(clean > threshold)), 4),
+            "auroc": round(auroc(torch.from_numpy(bad), torch.from_numpy(clean)), 4)}
+
+
 def guard_benchmark(params: Params, case: tuple, released, isolation, clean: Store, quarantined: Store, x_test, y_test,
                     device, kind: str) -> tuple[list[dict], dict]:
     """The shipped guard and each of its detectors alone (plus STRIP on the isolation model, too costly to
@@ -239,8 +251,7 @@ def guard_benchmark(params: Params, case: tuple, released, isolation, clean: Sto
     or FGSM / PGD examples of the released model."""
     from stages.triggers import apply_trigger
 
-    test_idx, cal_idx = calibration_split(y_test, params.data.calibration_size, params.seed)
-    calibration = make_store(x_test[cal_idx], y_test[cal_idx], [str(i) for i in cal_idx], clean.class_names)
+    test_idx, calibration = guard_split(params, x_test, y_test, clean.class_names)
     models = {"released": released, "isolation": isolation}
     guard, _ = build_guard(params, models, clean, quarantined, calibration, device)
     # Each detector alone, the shipped ones and the unshipped alternatives, calibrated the same way.
@@ -248,7 +259,7 @@ def guard_benchmark(params: Params, case: tuple, released, isolation, clean: Sto
     wide = params.model_copy(update={"detect": params.detect.model_copy(update={"guard": entries})})
     each, each_report = build_guard(wide, models, clean, quarantined, calibration, device)
     entries = [e for e in entries if e not in each_report["left_out"]]
-    x_cal, x_eval = to_tensor(x_test[cal_idx], device), to_tensor(x_test[test_idx], device)
+    x_cal, x_eval = to_tensor(calibration.x, device), to_tensor(x_test[test_idx], device)
     y_eval = torch.from_numpy(y_test[test_idx]).to(device)
     dataset, attack, rate = case
     if kind == "adversarial":
@@ -272,9 +283,7 @@ def guard_benchmark(params: Params, case: tuple, released, isolation, clean: Sto
                 bad = scorer(xm).cpu().numpy()
                 seconds = time.perf_counter() - t1
                 rows.append({"dataset": dataset, "attack": attack_name, "poison_rate": rate, "detector": name,
-                             "tpr": round(float(np.mean(bad > threshold)), 4),
-                             "fpr": round(float(np.mean(clean_scores > threshold)), 4),
-                             "auroc": round(auroc(torch.from_numpy(bad), torch.from_numpy(clean_scores)), 4),
+                             **detection_rates(bad, clean_scores, threshold),
                              "threshold": round(threshold, 4), "seconds": round(seconds, 3)})
         torch_model_seconds = best_time(lambda: predict_logits(released, x_eval))
         torch_guard_seconds = best_time(lambda: guard(x_eval))

@@ -20,9 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.defense import PROFILES, ROOT, adversarial, load_case, machine, train_standard
-from stages.data import calibration_split, make_store
-from stages.detectors import auroc
+from bench.defense import PROFILES, ROOT, adversarial, detection_rates, guard_split, load_case, machine, train_standard
 from stages.fileio import write_json, write_text
 from stages.guard import build_guard, calibrated_threshold
 from stages.train import predict_logits, to_tensor
@@ -44,18 +42,17 @@ def measure(model, params, train, x_test: np.ndarray, y_test: np.ndarray, device
     against PGD on bench.defense's split."""
     x_all = to_tensor(x_test, device)
     accuracy = float((predict_logits(model, x_all).argmax(1).cpu().numpy() == y_test).mean())
-    test_idx, cal_idx = calibration_split(y_test, params.data.calibration_size, params.seed)
-    calibration = make_store(x_test[cal_idx], y_test[cal_idx], [str(i) for i in cal_idx], train.class_names)
+    test_idx, calibration = guard_split(params, x_test, y_test, train.class_names)
     only = params.model_copy(update={"detect": params.detect.model_copy(update={"guard": ["mahalanobis@released"]})})
     guard, _ = build_guard(only, {"released": model, "isolation": model}, train, train.subset(np.arange(0)),
                            calibration, device)
     x_eval, y_eval = x_all[test_idx], torch.from_numpy(y_test[test_idx]).to(device)
     x_pgd = adversarial(model, x_eval, y_eval, 10)
     with torch.no_grad():
-        cal, clean, pgd = (guard(x)[0].cpu() for x in (to_tensor(calibration.x, device), x_eval, x_pgd))
-    threshold = calibrated_threshold(cal.numpy(), params.detect.guard_fpr, params.detect.guard_confidence)
-    return {"clean_accuracy": round(accuracy, 4), "pgd_tpr": round(float((pgd > threshold).float().mean()), 4),
-            "fpr": round(float((clean > threshold).float().mean()), 4), "pgd_auroc": round(auroc(pgd, clean), 4)}
+        cal, clean, pgd = (guard(x)[0].cpu().numpy() for x in (to_tensor(calibration.x, device), x_eval, x_pgd))
+    threshold = calibrated_threshold(cal, params.detect.guard_fpr, params.detect.guard_confidence)
+    rates = detection_rates(pgd, clean, threshold)
+    return {"clean_accuracy": round(accuracy, 4), "pgd_tpr": rates["tpr"], "fpr": rates["fpr"], "pgd_auroc": rates["auroc"]}
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
