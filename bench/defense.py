@@ -6,8 +6,9 @@ For each dataset, attack and poison rate, with one model and one epoch budget pe
 - oracle: the same training with every sample the attack touched removed (the floor for ASR);
 - abl: plain ABL (Li et al. 2021): isolate the 1% lowest-loss samples, fine-tune on the rest,
   gradient ascent on the isolated set at lr 5e-4;
-- abl+adaptive: isolation sized from the loss curves, joint unlikelihood unlearning, and a fresh start
-  of the released model when isolation finds no evidence (unlearn.restart: no_evidence);
+- abl+adaptive: isolation sized from the loss curves, joint unlikelihood unlearning followed by one
+  repair epoch of clean fine-tuning, and a fresh start of the released model when isolation finds no
+  evidence (unlearn.restart: no_evidence);
 - fused: the same, with the loss fused with the detectors: the pipeline's default for real images;
 - abl+joint (digits): the plain 1% isolation with joint unlearning, the pipeline's default on digits.
 The defenses call the pipeline's own functions (stages.isolate, stages.unlearn); they never see the
@@ -69,7 +70,7 @@ DEFAULT_DEFENSES = {"digits": ["abl", "abl+joint", "abl+adaptive", "fused"], "ci
 # Each defense is a set of overrides on the profile; plain ABL stays reachable as settings.
 DEFENSES = {
     "abl": {"isolate": {"selection": "ratio", "ratio": 0.01}, "detect": {"fusion": []},
-            "unlearn": {"mode": "ascent", "lr": 5e-4, "epochs": 20, "restart": "never"}},
+            "unlearn": {"mode": "ascent", "lr": 5e-4, "epochs": 20, "restart": "never", "repair_epochs": 0}},
     "abl+joint": {"isolate": {"selection": "ratio", "ratio": 0.01}, "detect": {"fusion": []}, "unlearn": {"mode": "joint"}},
     "abl+adaptive": {"isolate": {"selection": "adaptive"}, "detect": {"fusion": []}, "unlearn": {"mode": "joint"}},
     # The pipeline's default for real images: adaptive isolation ranked by the loss fused with detectors.

@@ -103,7 +103,9 @@ def adaptive_selection(score: np.ndarray, labels: np.ndarray, ids: np.ndarray, p
        also sit low, and a clean-label poison may fill it.
     2. Otherwise, with `concentrate`, each class is split on its own: a backdoor that is only
        partly learned shows as one class whose split is clear (`min_separation`) and `class_margin`
-       times clearer than any other class's. Clean classes split about equally (measured: 2.4-3.1).
+       times clearer than any other class's. Clean classes split about equally (measured: 2.4-3.1; on
+       the CIFAR-10 subset the clearest at most 1.02 times the next on clean data and at 1% poison,
+       1.29 and 1.24 times at BadNets and Blend 5%, whose cut then isolates P/R 0.88/0.96, 0.91/0.95).
     3. Otherwise (clean data, or a backdoor not learned yet) the `ratio` lowest `cut_score`s and, given
        `final_loss`, plain ABL's `ratio` lowest final losses too: two rankings, neither trusted when
        nothing separates, so a fused ranking adds suspects to plain ABL's and never drops one (CIFAR-10

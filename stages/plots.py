@@ -83,7 +83,7 @@ def unlearn_plot(curve: list[dict], path: Path, held_out: bool) -> Path:
             ax.axvline(k + 0.5, color="grey", linestyle=":", linewidth=1)
             ax.text(k + 0.6, 0.5, phases[k], fontsize=8, color="grey")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("epoch (fine-tune, then unlearn)")
+    ax.set_xlabel("epoch (fine-tune, unlearn, repair)")
     ax.set_title("Unlearning")
     ax.legend(fontsize=8, loc="lower left")
     _save(plt, fig, path)
