@@ -198,7 +198,8 @@ class UnlearnParams(Section):
                          "most this many times in all; then unlearning stops (0: stop at the first rollback)")
     repair_epochs: int = Field(
         1, ge=0, le=1000, description="cross-entropy epochs on the clean set (with augmentation) after unlearning, at "
-        "repair_lr: they restore the clean accuracy that unlearning cost (0: plain ABL, none)"
+        "repair_lr, when adaptive isolation found a separated group: they restore the clean accuracy that unlearning "
+        "cost (0: plain ABL, none). Not after a fixed share or a fallback, which leave most poison in the clean set"
     )
     repair_lr: float = Field(2e-3, gt=0, le=1, description="learning rate of the repair epochs (cosine schedule); "
                              "measured at 5e-3: Blend and BadNets gained more, SIG, which unlearning barely hurt, lost "

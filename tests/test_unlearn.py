@@ -111,12 +111,12 @@ def test_a_fallback_unlearns_only_the_implicated_label():
     assert report["n_finetune"] == len(clean) and report["n_holdout"] == 0 and report["holdout_accuracy"] is None
 
 
-def test_unlearning_ends_with_the_repair_epochs_and_plain_abl_has_none():
-    def phases(repair_epochs: int):
+def test_unlearning_ends_with_the_repair_epochs_after_a_separated_group_only():
+    def phases(repair_epochs: int, evidence: str | None = "group"):
         params = Params.model_validate({"device": "cpu", "unlearn": {"finetune_epochs": 1, "epochs": 1, "stop_at": 0,
                                                                      "repair_epochs": repair_epochs}})
         model, clean, quarantined = digits_model_and_sets(1)
-        curve, report = unlearn_stage.sanitize(model, params, clean, quarantined, torch.device("cpu"), evidence="group")
+        curve, report = unlearn_stage.sanitize(model, params, clean, quarantined, torch.device("cpu"), evidence=evidence)
         return [c["phase"] for c in curve], report
 
     steps, report = phases(2)
@@ -124,3 +124,6 @@ def test_unlearning_ends_with_the_repair_epochs_and_plain_abl_has_none():
     assert 0 <= report["suspects_obeyed_after_repair"] <= 1
     steps, report = phases(0)
     assert steps == ["finetune", "joint"] and "suspects_obeyed_after_repair" not in report
+    for evidence in ("weak", None):  # a fallback or a fixed share left most poison in the clean set: no repair
+        steps, _ = phases(2, evidence)
+        assert steps == ["finetune", "joint"]
