@@ -8,8 +8,8 @@ suspects away from their label. A held-out share of the clean set watches clean 
 an epoch after which it dropped by more than `unlearn.max_accuracy_drop` is rolled back and retried at
 half the learning rate (`unlearn.retries` times), then unlearning stops. When isolation found a separated
 group, a short clean fine-tune at a low learning rate then repairs what unlearning cost
-(`unlearn.repair_epochs`; plain ABL has none). When nothing
-is unlearned, nothing is held out: the model trains on every clean sample.
+(`unlearn.repair_epochs`; plain ABL has none). When nothing is unlearned, nothing is held out: the model
+trains on every clean sample.
 """
 
 from __future__ import annotations
