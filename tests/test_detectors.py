@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import stage_cli
+from conftest import set_params, stage_cli
 from stages.config import Params
 from stages.detectors import (auroc, fit_gaussians, kth_distance, knn_density, mahalanobis, mismatch, spectral,
                               strip)
@@ -198,7 +198,8 @@ def test_pipeline_writes_detector_scores_and_a_calibrated_guard(pipeline):
     from stages.guard import onnx_guard
 
     scores = (pipeline / "data/isolate/scores.csv").read_text().splitlines()[0].split(",")
-    assert {"strip", "mahalanobis", "knn_density", "fused"} <= set(scores)
+    # The digits default ranks by the loss alone (detect.fusion: []): the detectors are scored, nothing is fused.
+    assert {"strip", "mahalanobis", "knn_density"} <= set(scores) and "fused" not in scores
     assert "knn_density" in (pipeline / "data/quarantine/quarantine.csv").read_text().splitlines()[0]
 
     sess = ort.InferenceSession(str(pipeline / "models/guard.onnx"), providers=["CPUExecutionProvider"])
@@ -219,6 +220,25 @@ def test_pipeline_writes_detector_scores_and_a_calibrated_guard(pipeline):
     # The default run's triggered test digits: the isolation checkpoint obeys the trigger, the released model no
     # longer does, and the guard sees that disagreement (measured: TPR 1.0, FPR 0.028).
     assert gate["guard"]["fpr"] <= 0.1 and gate["guard"]["tpr"] >= 0.9
+
+
+def test_isolate_ranks_by_the_fused_score_when_fusion_is_on(pipeline, project):
+    import shutil
+
+    import pandas as pd
+
+    shutil.copytree(pipeline / "data/ingested", project / "data/ingested")
+    set_params(project, **{"detect.fusion": ["strip", "knn_density"]})
+    result = stage_cli(project, "isolate")
+    assert result.returncode == 0, result.stderr[-2000:]
+    scores = pd.read_csv(project / "data/isolate/scores.csv")
+    # Ranked by the fused score (written as minus the ranking score: high = suspicious), not by the loss; the ratio
+    # rule isolates the first 1%.
+    by_rank = scores.sort_values("rank")
+    assert by_rank.fused.is_monotonic_decreasing and not by_rank.final_loss.is_monotonic_increasing
+    assert by_rank.isolated.tolist() == [1] * 14 + [0] * (len(scores) - 14)
+    metrics = json.loads((project / "metrics/isolate.json").read_text())
+    assert metrics["fusion"] == ["strip", "knn_density"]
 
 
 def test_guard_command(pipeline, tmp_path):
