@@ -58,18 +58,22 @@ def implicated_class(labels: np.ndarray) -> int:
     return int(np.bincount(labels).argmax())
 
 
-def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list, watch=None) -> dict:
+def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list, watch=None,
+            evidence: str | None = None) -> dict:
     """Unlearn the suspects (plain ABL ascent or joint), with a clean-accuracy guard and rollback, and
     an early stop once at most `unlearn.stop_at` of the suspects are still classified as their label.
 
     The guard leaves out held-out samples of the implicated class: unlearning is meant to change how
     the model treats samples labelled with it (poison that escaped isolation sits there), so a drop
-    there is the defense working, not damage.
+    there is the defense working, not damage. After a fallback (`evidence` "weak") that class is watched
+    too, for collapse only (`unlearn.implicated_keep`): the suspects may then be its easy clean samples.
     """
     up = params.unlearn
     target = implicated_class(yq.cpu().numpy())
     guard = y_val != target
     baseline = accuracy(model, x_val[guard], y_val[guard])
+    implicated_before = accuracy(model, x_val[~guard], y_val[~guard]) if (~guard).any() else None
+    watch_implicated = evidence == "weak" and implicated_before is not None and up.implicated_keep > 0
     anchors = torch.nonzero(y == target).flatten() if up.anchor else None
     opt = torch.optim.SGD(model.parameters(), lr=up.lr, momentum=params.train.momentum)
     progress = Progress(f"unlearn:{up.mode}", up.epochs, len(y) if up.mode == "joint" else len(yq))
@@ -86,12 +90,15 @@ def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list,
             loss = suspect_loss
         acc = accuracy(model, x_val[guard], y_val[guard])
         obeyed = accuracy(model, xq, yq)
-        if baseline - acc > up.max_accuracy_drop:
+        implicated = accuracy(model, x_val[~guard], y_val[~guard]) if watch_implicated else None
+        collapsed = implicated is not None and implicated < up.implicated_keep * implicated_before
+        if baseline - acc > up.max_accuracy_drop or collapsed:
             model.load_state_dict(previous)
             opt.load_state_dict(previous_opt)
             lr = opt.param_groups[0]["lr"]
-            fell = (f"[unlearn] guard accuracy fell {baseline - acc:.3f} below {baseline:.3f} at lr {lr:g}: "
-                    f"rolled back epoch {epochs_run + 1}")
+            fell = (f"[unlearn] class {target}'s held-out accuracy fell from {implicated_before:.3f} to {implicated:.3f}"
+                    if collapsed else f"[unlearn] guard accuracy fell {baseline - acc:.3f} below {baseline:.3f}")
+            fell += f" at lr {lr:g}: rolled back epoch {epochs_run + 1}"
             if not retries_left:
                 rolled_back = True
                 print(f"{fell} and stopped", file=sys.stderr)
@@ -117,7 +124,8 @@ def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list,
             "final_lr": opt.param_groups[0]["lr"], "implicated_class": target,
             "suspects_obeyed": round(accuracy(model, xq, yq), 4),
             "guard_accuracy_before": round(baseline, 4),
-            "guard_accuracy_after": round(accuracy(model, x_val[guard], y_val[guard]), 4)}
+            "guard_accuracy_after": round(accuracy(model, x_val[guard], y_val[guard]), 4),
+            "implicated_watched": watch_implicated}
 
 
 def restarts(mode: str, evidence: str | None) -> bool:
@@ -165,7 +173,7 @@ def sanitize(model, params: Params, clean: Store, quarantined: Store, device: to
     if unlearning:
         xq = to_tensor(quarantined.x[suspects], device)
         yq = torch.from_numpy(quarantined.labels[suspects]).to(device)
-        report = unlearn(model, params, xq, yq, x, y, x_val, y_val, gen, curve, watch)
+        report = unlearn(model, params, xq, yq, x, y, x_val, y_val, gen, curve, watch, evidence)
         if params.unlearn.repair_epochs and evidence == "group":
             # Unlearning bends features that clean samples share with the suspects; a short, gentle fine-tune
             # restores them without bringing the trigger back. CIFAR-10 subset, one epoch at lr 0.002, clean accuracy

@@ -25,14 +25,17 @@ def perfect_model() -> torch.nn.Module:
     return model
 
 
-def run_unlearn(monkeypatch, retries: int, harmful_from_lr: float):
-    """An epoch that wrecks the model when the learning rate is at least `harmful_from_lr` and changes
-    nothing below it; the suspects (class-1 images labelled 0) are never classified as 0, so one kept
-    epoch ends unlearning."""
+def run_unlearn(monkeypatch, retries: int, harmful_from_lr: float, evidence: str | None = None, erase_class_0=False):
+    """An epoch that wrecks the model (or, with `erase_class_0`, only class 0, the suspects' label) when the
+    learning rate is at least `harmful_from_lr` and changes nothing below it; the suspects (class-1 images
+    labelled 0) are never classified as 0, so one kept epoch ends unlearning."""
     def epoch(model, opt, *args, **kwargs):
         if opt.param_groups[0]["lr"] >= harmful_from_lr:
             with torch.no_grad():
-                model[1].weight.neg_()
+                if erase_class_0:
+                    model[1].weight[0].neg_()
+                else:
+                    model[1].weight.neg_()
         return 0.0, 0.0
 
     monkeypatch.setattr(unlearn_stage, "joint_unlearn_epoch", epoch)
@@ -40,7 +43,7 @@ def run_unlearn(monkeypatch, retries: int, harmful_from_lr: float):
     x, y = bright_pixel_data()
     xq, yq = x[y == 1][:5], torch.zeros(5, dtype=torch.long)
     model = perfect_model()
-    report = unlearn_stage.unlearn(model, params, xq, yq, x, y, x, y, torch.Generator(), [])
+    report = unlearn_stage.unlearn(model, params, xq, yq, x, y, x, y, torch.Generator(), [], evidence=evidence)
     return model, report
 
 
@@ -57,6 +60,19 @@ def test_unlearning_stops_when_the_retries_are_spent(monkeypatch):
     assert report["guard_accuracy_after"] == report["guard_accuracy_before"] == 1.0
     _, no_retry = run_unlearn(monkeypatch, retries=0, harmful_from_lr=0.002)
     assert no_retry["rolled_back"] and no_retry["retries_used"] == 0 and no_retry["final_lr"] == 0.002
+
+
+def test_after_a_fallback_an_epoch_that_erases_the_implicated_class_is_rolled_back(monkeypatch):
+    # A separated group (or plain ABL's ratio): the implicated class is left out of the check, so erasing it stands.
+    model, report = run_unlearn(monkeypatch, retries=0, harmful_from_lr=0.0, evidence="group", erase_class_0=True)
+    assert not report["rolled_back"] and not report["implicated_watched"] and model[1].weight[0, 0] < 0
+    # A fallback ("weak"): its suspects may be easy clean samples of that class, whose collapse is rolled back ...
+    model, report = run_unlearn(monkeypatch, retries=1, harmful_from_lr=0.002, evidence="weak", erase_class_0=True)
+    assert report["implicated_watched"] and report["retries_used"] == 1 and report["unlearn_epochs_run"] == 1
+    assert torch.equal(model[1].weight, torch.eye(3))
+    # ... and unlearning stops when every retry erases it too.
+    model, report = run_unlearn(monkeypatch, retries=1, harmful_from_lr=0.0, evidence="weak", erase_class_0=True)
+    assert report["rolled_back"] and report["unlearn_epochs_run"] == 0 and torch.equal(model[1].weight, torch.eye(3))
 
 
 def digits_model_and_sets(init_seed: int):
