@@ -32,10 +32,7 @@ def run_unlearn(monkeypatch, retries: int, harmful_from_lr: float, evidence: str
     def epoch(model, opt, *args, **kwargs):
         if opt.param_groups[0]["lr"] >= harmful_from_lr:
             with torch.no_grad():
-                if erase_class_0:
-                    model[1].weight[0].neg_()
-                else:
-                    model[1].weight.neg_()
+                (model[1].weight[0] if erase_class_0 else model[1].weight).neg_()
         return 0.0, 0.0
 
     monkeypatch.setattr(unlearn_stage, "joint_unlearn_epoch", epoch)
