@@ -72,8 +72,8 @@ def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list,
     target = implicated_class(yq.cpu().numpy())
     guard = y_val != target
     baseline = accuracy(model, x_val[guard], y_val[guard])
-    implicated_before = accuracy(model, x_val[~guard], y_val[~guard]) if (~guard).any() else None
-    watch_implicated = evidence == "weak" and implicated_before is not None and up.implicated_keep > 0
+    watch_implicated = evidence == "weak" and up.implicated_keep > 0 and bool((~guard).any())
+    implicated_before = accuracy(model, x_val[~guard], y_val[~guard]) if watch_implicated else None
     anchors = torch.nonzero(y == target).flatten() if up.anchor else None
     opt = torch.optim.SGD(model.parameters(), lr=up.lr, momentum=params.train.momentum)
     progress = Progress(f"unlearn:{up.mode}", up.epochs, len(y) if up.mode == "joint" else len(yq))
@@ -91,7 +91,7 @@ def unlearn(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list,
         acc = accuracy(model, x_val[guard], y_val[guard])
         obeyed = accuracy(model, xq, yq)
         implicated = accuracy(model, x_val[~guard], y_val[~guard]) if watch_implicated else None
-        collapsed = implicated is not None and implicated < up.implicated_keep * implicated_before
+        collapsed = watch_implicated and implicated < up.implicated_keep * implicated_before
         if baseline - acc > up.max_accuracy_drop or collapsed:
             model.load_state_dict(previous)
             opt.load_state_dict(previous_opt)
