@@ -38,14 +38,16 @@ def holdout_split(n: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarr
 
 
 def finetune(model, params: Params, x, y, x_val, y_val, gen, curve: list, watch, epochs: int,
-             lr: float | None = None, phase: str = "finetune") -> None:
-    """Cross-entropy on the clean set with augmentation and a cosine schedule from `lr` (train.lr), for `epochs`."""
+             lr: float | None = None, phase: str = "finetune", max_shift: float = 0.0) -> None:
+    """Cross-entropy on the clean set with augmentation (and sub-pixel resampling up to `max_shift` pixels) and a
+    cosine schedule from `lr` (train.lr), for `epochs`."""
     tp = params.train
     opt = make_optimizer(model, lr or tp.lr, tp)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
     progress = Progress(f"unlearn:{phase}", epochs, len(y))
     for epoch in range(epochs):
-        loss = train_epoch(model, opt, x, y, lambda losses: losses.mean(), tp.batch_size, gen, tp.crop_padding, tp.flip)
+        loss = train_epoch(model, opt, x, y, lambda losses: losses.mean(), tp.batch_size, gen, tp.crop_padding, tp.flip,
+                           max_shift=max_shift)
         sched.step()
         acc = accuracy(model, x_val, y_val)
         curve.append({"phase": phase, "epoch": epoch + 1, "loss": loss, "clean_accuracy": acc,
@@ -168,7 +170,8 @@ def sanitize(model, params: Params, clean: Store, quarantined: Store, device: to
 
     curve: list = []
     finetune(model, params, x, y, x_val, y_val, gen, curve, watch,
-             params.unlearn.finetune_epochs + (params.isolate.epochs if restarted else 0))
+             params.unlearn.finetune_epochs + (params.isolate.epochs if restarted else 0),
+             max_shift=params.unlearn.restart_resample if restarted else 0.0)
     report = {"unlearn_epochs_run": 0, "rolled_back": False}
     if unlearning:
         xq = to_tensor(quarantined.x[suspects], device)

@@ -86,9 +86,10 @@ def digits_model_and_sets(init_seed: int):
     return model, store.subset(np.arange(40, len(store))), store.subset(np.arange(40))
 
 
-def released_weights(init_seed: int, evidence, restart: str = "no_evidence"):
+def released_weights(init_seed: int, evidence, restart: str = "no_evidence", restart_resample: float = 0.5):
     params = Params.model_validate({"device": "cpu", "isolate": {"epochs": 1},
-                                    "unlearn": {"finetune_epochs": 1, "epochs": 1, "restart": restart}})
+                                    "unlearn": {"finetune_epochs": 1, "epochs": 1, "restart": restart,
+                                                "restart_resample": restart_resample}})
     model, clean, quarantined = digits_model_and_sets(init_seed)
     _, report = unlearn_stage.sanitize(model, params, clean, quarantined, torch.device("cpu"), evidence=evidence)
     return torch.cat([p.detach().flatten() for p in model.parameters()]), report
@@ -107,6 +108,24 @@ def test_without_evidence_the_released_model_carries_nothing_of_the_isolation_mo
     e, report = released_weights(1, evidence="none", restart="never")
     assert not report["restarted"] and not torch.equal(a, e)
     assert unlearn_stage.restarts("always", "group")
+
+
+def test_only_a_restarted_model_trains_on_resampled_images(monkeypatch):
+    shifts = []
+
+    def recording_epoch(*args, max_shift: float = 0.0, **kwargs):
+        shifts.append(max_shift)
+        return train_epoch(*args, max_shift=max_shift, **kwargs)
+
+    from stages.train import train_epoch
+    monkeypatch.setattr(unlearn_stage, "train_epoch", recording_epoch)
+    resampled, _ = released_weights(1, evidence="none")
+    assert shifts and set(shifts) == {0.5}  # every epoch of the fresh model
+    shifts.clear()
+    released_weights(1, evidence="group")  # fine-tuning the isolation model: never
+    assert shifts and set(shifts) == {0.0}
+    plain, _ = released_weights(1, evidence="none", restart_resample=0)
+    assert not torch.equal(resampled, plain)
 
 
 def test_a_fallback_unlearns_only_the_implicated_label():
