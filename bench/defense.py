@@ -7,8 +7,9 @@ For each dataset, attack and poison rate, with one model and one epoch budget pe
 - abl: plain ABL (Li et al. 2021): isolate the 1% lowest-loss samples, fine-tune on the rest,
   gradient ascent on the isolated set at lr 5e-4;
 - abl+adaptive: isolation sized from the loss curves, joint unlikelihood unlearning followed by one
-  repair epoch of clean fine-tuning, and a fresh start of the released model when isolation finds no
-  evidence (unlearn.restart: no_evidence);
+  repair epoch of clean fine-tuning, and a fresh start of the released model, trained on randomly
+  sub-pixel-resampled images, when isolation finds no evidence (unlearn.restart: no_evidence,
+  unlearn.restart_resample);
 - fused: the same, with the loss fused with the detectors: the pipeline's default for real images;
 - abl+joint (digits): the plain 1% isolation with joint unlearning, the pipeline's default on digits.
 The defenses call the pipeline's own functions (stages.isolate, stages.unlearn); they never see the
