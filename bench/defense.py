@@ -7,10 +7,11 @@ For each dataset, attack and poison rate, with one model and one epoch budget pe
 - abl: plain ABL (Li et al. 2021): isolate the 1% lowest-loss samples, fine-tune on the rest,
   gradient ascent on the isolated set at lr 5e-4;
 - abl+adaptive: isolation sized from the loss curves, joint unlikelihood unlearning followed by one
-  repair epoch of clean fine-tuning, and a fresh start of the released model, trained on randomly
-  sub-pixel-resampled images, when isolation finds no evidence (unlearn.restart: no_evidence,
-  unlearn.restart_resample);
+  repair epoch of clean fine-tuning, and a fresh start of the released model when isolation finds no
+  evidence (unlearn.restart: no_evidence);
 - fused: the same, with the loss fused with the detectors: the pipeline's default for real images;
+- fused+resample: the same, the restarted model trained on randomly sub-pixel-resampled images
+  (unlearn.restart_resample: 0.5), which defuses warping triggers at a cost in clean accuracy;
 - abl+joint (digits): the plain 1% isolation with joint unlearning, the pipeline's default on digits.
 The defenses call the pipeline's own functions (stages.isolate, stages.unlearn); they never see the
 red-team truth, which only the metrics read.
@@ -67,7 +68,8 @@ PROFILES = {
                 "isolate": {"epochs": 10, "augment": False}, "unlearn": {"finetune_epochs": 6}},
 }
 # The digits rows add abl+joint: it is the pipeline's default on digits (params.yaml).
-DEFAULT_DEFENSES = {"digits": ["abl", "abl+joint", "abl+adaptive", "fused"], "cifar10": ["abl", "abl+adaptive", "fused"]}
+DEFAULT_DEFENSES = {"digits": ["abl", "abl+joint", "abl+adaptive", "fused", "fused+resample"],
+                    "cifar10": ["abl", "abl+adaptive", "fused", "fused+resample"]}
 # Each defense is a set of overrides on the profile; plain ABL stays reachable as settings.
 DEFENSES = {
     "abl": {"isolate": {"selection": "ratio", "ratio": 0.01}, "detect": {"fusion": []},
@@ -76,6 +78,7 @@ DEFENSES = {
     "abl+adaptive": {"isolate": {"selection": "adaptive"}, "detect": {"fusion": []}, "unlearn": {"mode": "joint"}},
     # The pipeline's default for real images: adaptive isolation ranked by the loss fused with detectors.
     "fused": {"isolate": {"selection": "adaptive"}, "unlearn": {"mode": "joint"}},
+    "fused+resample": {"isolate": {"selection": "adaptive"}, "unlearn": {"mode": "joint", "restart_resample": 0.5}},
 }
 DETECTORS = ["strip", "mahalanobis", "spectral", "knn_density"]  # each alone: rows "detector:<name>" (isolation only)
 # Guard rows for comparison, not shipped by default.
