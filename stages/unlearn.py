@@ -1,7 +1,8 @@
 """unlearn: ABL stage two (Li et al., NeurIPS 2021, sec. 4.2).
 
 Continue from the isolation checkpoint (or, when isolation found no evidence of a backdoor, from a
-fresh initialisation: `unlearn.restart`): fine-tune on the clean set with cross-entropy, then unlearn
+fresh initialisation: `unlearn.restart`, optionally trained on sub-pixel-resampled images:
+`unlearn.restart_resample`): fine-tune on the clean set with cross-entropy, then unlearn
 the quarantined suspects, which breaks the trigger -> target link: plain ABL gradient ascent
 (`unlearn.mode: ascent`), or the joint mode (default), where every clean batch also pushes the
 suspects away from their label. A held-out share of the clean set watches clean accuracy;
