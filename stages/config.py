@@ -179,7 +179,7 @@ class UnlearnParams(Section):
         0.0, ge=0, le=4, description="a restarted model trains on images translated by a random offset of up to this "
         "many pixels, bilinearly, so every image carries interpolation blur and a warping trigger's (WaNet) no longer "
         "stands out; a blended pattern's fine noise fades too. CIFAR-10 subset, ASR with 0.5 against 0: WaNet 10% "
-        "0.134 (0.697), WaNet 5% 0.079 (0.279), Blend 1% 0.120 (0.641), but clean accuracy 2-4 points lower "
+        "0.134 (0.697), WaNet 5% 0.079 (0.279), Blend 1% 0.120 (0.641), but clean accuracy 0.5-3.5 points lower "
         "wherever the model restarts, clean data included (bench row fused+resample). 0: off. Never when "
         "fine-tuning the isolation model, which already learned the trigger (BadNets 10%: ASR 0.043 -> 0.055)"
     )
