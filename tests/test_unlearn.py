@@ -8,6 +8,7 @@ import torch
 
 import stages.unlearn as unlearn_stage
 from stages.config import Params
+from stages.train import train_epoch
 
 
 def bright_pixel_data(n_per_class: int = 20):
@@ -86,7 +87,7 @@ def digits_model_and_sets(init_seed: int):
     return model, store.subset(np.arange(40, len(store))), store.subset(np.arange(40))
 
 
-def released_weights(init_seed: int, evidence, restart: str = "no_evidence", restart_resample: float = 0.5):
+def released_weights(init_seed: int, evidence, restart: str = "no_evidence", restart_resample: float = 0.0):
     params = Params.model_validate({"device": "cpu", "isolate": {"epochs": 1},
                                     "unlearn": {"finetune_epochs": 1, "epochs": 1, "restart": restart,
                                                 "restart_resample": restart_resample}})
@@ -117,14 +118,13 @@ def test_only_a_restarted_model_trains_on_resampled_images(monkeypatch):
         shifts.append(max_shift)
         return train_epoch(*args, max_shift=max_shift, **kwargs)
 
-    from stages.train import train_epoch
     monkeypatch.setattr(unlearn_stage, "train_epoch", recording_epoch)
-    resampled, _ = released_weights(1, evidence="none")
+    resampled, _ = released_weights(1, evidence="none", restart_resample=0.5)
     assert shifts and set(shifts) == {0.5}  # every epoch of the fresh model
     shifts.clear()
-    released_weights(1, evidence="group")  # fine-tuning the isolation model: never
+    released_weights(1, evidence="group", restart_resample=0.5)  # fine-tuning the isolation model: never
     assert shifts and set(shifts) == {0.0}
-    plain, _ = released_weights(1, evidence="none", restart_resample=0)
+    plain, _ = released_weights(1, evidence="none")  # the default: off
     assert not torch.equal(resampled, plain)
 
 
