@@ -40,7 +40,7 @@ from stages.config import Params
 from stages.data import Store, calibration_split, make_store
 from stages.fileio import write_json, write_text
 from stages.gate import attack_success_rate, clean_accuracy
-from stages.detectors import auroc, robust_z, strip, training_scores
+from stages.detectors import adversarial_examples, auroc, robust_z, strip, training_scores
 from stages.guard import build_guard, calibrated_threshold
 from stages.isolate import adaptive_selection, choose, fused_suspicion, train_lga
 from stages.models import build_model, model_spec
@@ -59,7 +59,7 @@ KEYS = ["dataset", "attack", "poison_rate", "defense", "clean_accuracy", "asr", 
 # the test split calibrates the guard (the fewer calibration images, the more margin its FPR bound needs:
 # measured, BadNets 10% TPR 0.93 with a fifth, 1.00 with half); clean accuracy and ASR use the whole split.
 PROFILES = {
-    "digits": {"data": {"source": "digits", "calibration_size": 0.5}, "model": {"width": 32},
+    "digits": {"data": {"source": "digits", "calibration_size": 0.5}, "model": {"width": 32}, "detect": {"probe_blocks": 6},
                "isolate": {"epochs": 20}, "unlearn": {"finetune_epochs": 10}},
     # CIFAR: isolation without augmentation (a flip moves the corner patch; measured: BadNets at 5% not
     # learned in 10 augmented LGA epochs, learned by epoch 5 without), training with it.
@@ -82,7 +82,8 @@ DEFENSES = {
 }
 DETECTORS = ["strip", "mahalanobis", "spectral", "knn_density"]  # each alone: rows "detector:<name>" (isolation only)
 # Guard rows for comparison, not shipped by default.
-GUARD_ALTERNATIVES = ["mahalanobis@isolation", "knn@isolation", "knn@released", "mismatch@released"]
+GUARD_ALTERNATIVES = ["mahalanobis@released", "mahalanobis@isolation", "knn@isolation", "knn@released", "mismatch@released"]
+EPS = 8 / 255  # FGSM and PGD (10 steps of EPS / 4), L-infinity, against the released model
 GUARD_KEYS = ["dataset", "attack", "poison_rate", "detector", "tpr", "fpr", "auroc", "threshold", "seconds"]
 
 
@@ -210,22 +211,6 @@ def run_task(task: tuple) -> tuple[list[dict], list[dict], dict | None]:
     return rows, guard_rows, cost
 
 
-def adversarial(model, x: torch.Tensor, y: torch.Tensor, steps: int, eps: float = 8 / 255) -> torch.Tensor:
-    """L-infinity FGSM (steps=1, Goodfellow et al. 2015) or PGD (Madry et al. 2018, step eps/4, no random
-    start) against the model, in [0, 1] pixels."""
-    model.eval()
-    step = eps if steps == 1 else eps / 4
-    out = []
-    for i in range(0, len(x), 256):
-        x0, xa = x[i:i + 256], x[i:i + 256].clone()
-        for _ in range(steps):
-            xa.requires_grad_(True)
-            grad, = torch.autograd.grad(torch.nn.functional.cross_entropy(model(xa), y[i:i + 256]), xa)
-            xa = torch.min(torch.max(xa.detach() + step * grad.sign(), x0 - eps), x0 + eps).clamp(0, 1)
-        out.append(xa.detach())
-    return torch.cat(out)
-
-
 def paired_times(fns, rounds: int = 7) -> list[float]:
     """Seconds of each function, the fastest of `rounds`, the functions taking turns so that the other worker's
     load weighs on all alike (timed one after the other, the guard's cost over the model's ranged 1.56-2.47
@@ -271,7 +256,8 @@ def guard_benchmark(params: Params, case: tuple, released, isolation, clean: Sto
     y_eval = torch.from_numpy(y_test[test_idx]).to(device)
     dataset, attack, rate = case
     if kind == "adversarial":
-        malicious = {"fgsm": adversarial(released, x_eval, y_eval, 1), "pgd": adversarial(released, x_eval, y_eval, 10)}
+        malicious = {"fgsm": adversarial_examples(released, x_eval, y_eval, 1, EPS),
+                     "pgd": adversarial_examples(released, x_eval, y_eval, 10, EPS)}
         rate = 0.0
     else:
         rt = params.redteam

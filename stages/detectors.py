@@ -9,6 +9,9 @@ in [0, 1], on the model's device) and, where needed, statistics fitted on data:
   images and keeps the prediction, so a triggered input's blends have low prediction entropy;
 - activation space: `mahalanobis` (Lee et al. 2018): distance of a conv stage's pooled activations to
   the nearest class under a class-conditional Gaussian with one shared covariance;
+- activation space, learned: `fit_probe` (Metzen et al. 2017, detector on intermediate activations;
+  fitted by logistic regression like Lee et al.'s): a linear probe on every conv block's channel statistics,
+  trained to tell clean training images from FGSM / PGD examples of them (`adversarial_examples`);
 - feature space: `spectral` (Tran et al. 2018, spectral signatures): within a class, poisoned samples
   lie along the top singular direction of the centred penultimate features; and k-NN (Sun et al. 2022):
   `kth_distance` of the normalised penultimate feature to clean neighbours (the guard's `knn`), or
@@ -125,6 +128,66 @@ def mismatch(stage_acts: list[torch.Tensor], g: Gaussians, predicted: torch.Tens
         d = _distances(a, mu, p)
         total = total + (d.gather(1, predicted[:, None])[:, 0] - d.min(1).values) / s
     return total
+
+
+def adversarial_examples(model, x: torch.Tensor, y: torch.Tensor, steps: int, eps: float,
+                         batch_size: int = 256) -> torch.Tensor:
+    """L-infinity FGSM (steps=1, Goodfellow et al. 2015) or PGD (Madry et al. 2018, `steps` steps of eps/4, no
+    random start) against `model`, in [0, 1] pixels: the probe's training data, and the benchmark's attacks."""
+    model.eval()
+    step = eps if steps == 1 else eps / 4
+    out = []
+    with torch.enable_grad():
+        for i in range(0, len(x), batch_size):
+            x0, xa = x[i:i + batch_size], x[i:i + batch_size].clone()
+            for _ in range(steps):
+                xa.requires_grad_(True)
+                grad, = torch.autograd.grad(F.cross_entropy(model(xa), y[i:i + batch_size]), xa)
+                xa = torch.min(torch.max(xa.detach() + step * grad.sign(), x0 - eps), x0 + eps).clamp(0, 1)
+            out.append(xa.detach())
+    return torch.cat(out)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A linear score on standardised block statistics: (s - mean) / scale @ weight + bias."""
+    mean: torch.Tensor  # [D]
+    scale: torch.Tensor  # [D]
+    weight: torch.Tensor  # [D]
+    bias: float
+
+
+def block_statistics(model, x: torch.Tensor, blocks: int) -> torch.Tensor:
+    model.eval()
+    return in_batches(lambda xb: model.activations(xb, block_statistics=blocks)[1], x)
+
+
+@torch.no_grad()
+def fit_probe(model, x: torch.Tensor, y: torch.Tensor, eps: float, steps: list[int], blocks: int) -> Probe:
+    """Logistic regression (L2, C=1) of clean images (0) against their adversarial examples (1), one per entry
+    of `steps`, on the `block_statistics` of the last `blocks` conv blocks (each standardised on the training
+    rows). The clean rows are weighted by the number of attacks so the classes weigh alike. An attack moves every block's statistics a little, one
+    Gaussian per class sees only the last (Mahalanobis); the probe weighs them all. Measured on the CIFAR-10
+    subset (released model of a clean training run, 2,000 training images attacked at eps 8/255, threshold at
+    3.5% FPR on the calibration split, test FPR 0.016-0.026), PGD / FGSM TPR of test images: last 2 blocks
+    0.884 / 0.912, last 4 0.951 / 0.976, all 6 0.961 / 0.984, against 0.743 / 0.318 for mahalanobis on the last
+    stage; all 6 fitted on FGSM alone, PGD 0.646; at eps 4/255, which it was not fitted on, PGD 0.32-0.44."""
+    from sklearn.linear_model import LogisticRegression
+
+    clean = block_statistics(model, x, blocks)
+    attacked = [block_statistics(model, adversarial_examples(model, x, y, s, eps), blocks) for s in steps]
+    features = torch.cat([clean, *attacked]).double()
+    mean, scale = features.mean(0), features.std(0).clamp_min(1e-6)
+    target = torch.cat([torch.zeros(len(clean)), torch.ones(len(clean) * len(steps))])
+    weight = torch.cat([torch.full((len(clean),), float(len(steps))), torch.ones(len(clean) * len(steps))])
+    lr = LogisticRegression(C=1.0, max_iter=5000).fit(((features - mean) / scale).cpu().numpy(), target.numpy(),
+                                                       sample_weight=weight.numpy())
+    as_tensor = lambda v: torch.as_tensor(v, dtype=torch.float32, device=x.device)
+    return Probe(as_tensor(mean), as_tensor(scale), as_tensor(lr.coef_[0]), float(lr.intercept_[0]))
+
+
+def probe_score(stats: torch.Tensor, p: Probe) -> torch.Tensor:
+    return ((stats - p.mean) / p.scale) @ p.weight + p.bias
 
 
 def spectral(feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from stages import paths
 from stages.config import Params
 from stages.data import Store, store_hash
-from stages.detectors import (Gaussians, conv_stages, features, fit_gaussians, kth_distance, mahalanobis,
-                              mismatch)
+from stages.detectors import (Gaussians, conv_stages, features, fit_gaussians, fit_probe, kth_distance, mahalanobis,
+                              mismatch, Probe, probe_score)
 from stages.errors import SanitizeError
 from stages.onnx_io import input_batches, onnx_predictor, open_session
 from stages.train import to_tensor
@@ -43,6 +43,9 @@ FAMILIES = {"knn": "feature space (Sun et al. 2022, deep nearest neighbours)",
             "mahalanobis": "activation space (Lee et al. 2018, class-conditional Mahalanobis)",
             "mismatch": "activation space (Lee et al.'s Gaussians: distance to the predicted class beyond the nearest, "
                         "the consistency check of Papernot & McDaniel 2018)",
+            "probe": "activation space (Metzen et al. 2017: a detector on intermediate activations, here a logistic "
+                     "regression on the channel statistics of the last conv blocks, fitted on FGSM and PGD "
+                     "examples of clean training images)",
             "disagreement": "model sensitivity (Jin et al.: prediction change under a mutation of the model; here the "
                             "isolation checkpoint against the released model, its unlearned descendant)"}
 
@@ -128,9 +131,24 @@ class MismatchHead(MahalanobisHead):
         return mismatch(conv_stages(acts, self.stages), self.gaussians(), self.head(acts[-1]).argmax(dim=1))
 
 
+class ProbeHead(nn.Module):
+    """`probe` on the statistics of its model's last `blocks` conv blocks (`SmallCNN.activations`)."""
+
+    def __init__(self, p: Probe, blocks: int):
+        super().__init__()
+        self.reads_block_statistics = blocks
+        for name in ("mean", "scale", "weight"):
+            self.register_buffer(name, getattr(p, name))
+        self.register_buffer("bias", torch.tensor(p.bias))
+
+    def forward(self, stats: torch.Tensor) -> torch.Tensor:
+        return probe_score(stats, Probe(self.mean, self.scale, self.weight, self.bias))
+
+
 class GuardNet(nn.Module):
     """Both models' activations, each detector's calibrated score, the largest, the flag. A head's source is
-    the model whose activations it reads, or None for a head that reads every model's (disagreement)."""
+    the model whose activations it reads, or None for a head that reads every model's (disagreement); a head
+    with `reads_block_statistics` reads its model's block statistics instead, computed in the same pass."""
 
     def __init__(self, models: dict[str, nn.Module], heads: list[tuple[str | None, nn.Module]]):
         super().__init__()
@@ -138,13 +156,21 @@ class GuardNet(nn.Module):
                                      if any(source in (name, None) for source, _ in heads)})
         self.sources = [source for source, _ in heads]
         self.heads = nn.ModuleList([head for _, head in heads])
+        self.block_statistics = {source: head.reads_block_statistics for source, head in heads
+                                 if getattr(head, "reads_block_statistics", 0)}
         self.register_buffer("centre", torch.zeros(len(heads)))
         self.register_buffer("scale", torch.ones(len(heads)))
         self.register_buffer("threshold", torch.tensor(0.0))
 
     def detector_scores(self, x: torch.Tensor) -> torch.Tensor:
-        acts = {name: m.activations(x) for name, m in self.models.items()}
-        raw = torch.stack([head(acts if source is None else acts[source])
+        acts, stats = {}, {}
+        for name, m in self.models.items():
+            if name in self.block_statistics:
+                acts[name], stats[name] = m.activations(x, block_statistics=self.block_statistics[name])
+            else:
+                acts[name] = m.activations(x)
+        raw = torch.stack([head(stats[source] if getattr(head, "reads_block_statistics", 0)
+                                else acts if source is None else acts[source])
                            for source, head in zip(self.sources, self.heads)], dim=1)
         return (raw - self.centre) / self.scale
 
@@ -215,7 +241,7 @@ def build_guard(params: Params, models: dict[str, nn.Module], clean: Store, quar
     entries = [e for e in dp.guard if len(quarantined) or not e.startswith(NEEDS_QUARANTINE)]
     if not entries:
         raise SanitizeError(f"detect.guard lists only {dp.guard}, which need quarantined samples, and the quarantine "
-                            "is empty: add mahalanobis@released to detect.guard")
+                            "is empty: add probe@released to detect.guard")
     x_clean, y_clean = to_tensor(clean.x, device), torch.from_numpy(clean.labels).to(device)
     fitted = {name: features(m, x_clean) for name, m in models.items()}
     heads, described = [], []
@@ -231,6 +257,11 @@ def build_guard(params: Params, models: dict[str, nn.Module], clean: Store, quar
                                     dp.disagreement_eps)
         elif detector == "knn":
             head = KnnHead(acts[-1][bank], dp.knn_k)
+        elif detector == "probe":
+            sample = torch.from_numpy(np.sort(rng.permutation(len(clean))[:dp.probe_samples])).to(device)
+            head = ProbeHead(fit_probe(models[source], x_clean[sample], y_clean[sample], dp.probe_eps, dp.probe_steps,
+                                       dp.probe_blocks), dp.probe_blocks)
+            extra = {"eps": dp.probe_eps, "steps": dp.probe_steps, "blocks": dp.probe_blocks, "n_fit": int(len(sample))}
         elif detector == "quarantine_knn":
             suspects = features(models[source], to_tensor(quarantined.x, device))[-1]
             head = QuarantineKnnHead(acts[-1][bank], suspects, dp.knn_k, dp.quarantine_k)

@@ -40,17 +40,22 @@ class SmallCNN(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.features((x - self.mean) / self.std)
 
-    def activations(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def activations(self, x: torch.Tensor, block_statistics: int = 0):
         """In one pass: the spatially averaged output of each conv stage (before its pooling), [N, w],
-        [N, 2w], [N, 4w], and last the penultimate feature (`embed`). The detectors read these."""
-        out, x, convs = [], (x - self.mean) / self.std, 0
-        for layer in self.features:
+        [N, 2w], [N, 4w], and last the penultimate feature (`embed`). The detectors read these. With
+        `block_statistics` = k > 0, also the per-channel spatial mean and standard deviation of the last k
+        conv blocks (six blocks of w, w, 2w, 2w, 4w, 4w channels), concatenated, as a second value (the
+        guard's `probe` reads them)."""
+        blocks = [i for i, layer in enumerate(self.features) if isinstance(layer, nn.Sequential)]
+        with_stats = set(blocks[len(blocks) - block_statistics:]) if block_statistics else set()
+        out, stats, x = [], [], (x - self.mean) / self.std
+        for i, layer in enumerate(self.features):
             x = layer(x)
-            if isinstance(layer, nn.Sequential):  # a conv block; a stage is two
-                convs += 1
-                if convs % 2 == 0:
-                    out.append(x.mean(dim=(2, 3)))
-        return [*out, x]
+            if i in with_stats:
+                stats += [x.mean(dim=(2, 3)), x.std(dim=(2, 3), correction=0)]
+            if i in blocks[1::2]:  # a stage is two conv blocks
+                out.append(x.mean(dim=(2, 3)))
+        return ([*out, x], torch.cat(stats, dim=1)) if block_statistics else [*out, x]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(x))
