@@ -218,7 +218,7 @@ def test_pipeline_writes_detector_scores_and_a_calibrated_guard(pipeline):
     assert not test_ids & set(calibration.ids)  # the gate never scores the calibration images
     gate = json.loads((pipeline / "metrics/gate.json").read_text())
     # The default run's triggered test digits: the isolation checkpoint obeys the trigger, the released model no
-    # longer does, and the guard sees that disagreement (measured: TPR 1.0, FPR 0.028).
+    # longer does, and the guard sees that disagreement (measured: TPR 1.0, FPR 0.045).
     assert gate["guard"]["fpr"] <= 0.1 and gate["guard"]["tpr"] >= 0.9
 
 
