@@ -10,8 +10,8 @@ in [0, 1], on the model's device) and, where needed, statistics fitted on data:
 - activation space: `mahalanobis` (Lee et al. 2018): distance of a conv stage's pooled activations to
   the nearest class under a class-conditional Gaussian with one shared covariance;
 - activation space, learned: `fit_probe` (Metzen et al. 2017, detector on intermediate activations;
-  fitted by logistic regression like Lee et al.'s): a linear probe on every conv block's channel statistics,
-  trained to tell clean training images from FGSM / PGD examples of them (`adversarial_examples`);
+  fitted by logistic regression like Lee et al.'s): a linear probe on the last conv blocks' channel
+  statistics, trained to tell clean training images from FGSM / PGD examples of them (`adversarial_examples`);
 - feature space: `spectral` (Tran et al. 2018, spectral signatures): within a class, poisoned samples
   lie along the top singular direction of the centred penultimate features; and k-NN (Sun et al. 2022):
   `kth_distance` of the normalised penultimate feature to clean neighbours (the guard's `knn`), or
@@ -166,8 +166,9 @@ def block_statistics(model, x: torch.Tensor, blocks: int) -> torch.Tensor:
 def fit_probe(model, x: torch.Tensor, y: torch.Tensor, eps: float, steps: list[int], blocks: int) -> Probe:
     """Logistic regression (L2, C=1) of clean images (0) against their adversarial examples (1), one per entry
     of `steps`, on the `block_statistics` of the last `blocks` conv blocks (each standardised on the training
-    rows). The clean rows are weighted by the number of attacks so the classes weigh alike. An attack moves every block's statistics a little, one
-    Gaussian per class sees only the last (Mahalanobis); the probe weighs them all. Measured on the CIFAR-10
+    rows). The clean rows are weighted by the number of attacks so the classes weigh alike. An attack moves
+    every block's statistics a little, one Gaussian per class sees only the last (Mahalanobis); the probe
+    weighs them all. Measured on the CIFAR-10
     subset (released model of a clean training run, 2,000 training images attacked at eps 8/255, threshold at
     3.5% FPR on the calibration split, test FPR 0.016-0.026), PGD / FGSM TPR of test images: last 2 blocks
     0.884 / 0.912, last 4 0.951 / 0.976, all 6 0.961 / 0.984, against 0.743 / 0.318 for mahalanobis on the last
