@@ -177,11 +177,11 @@ def fit_probe(model, x: torch.Tensor, y: torch.Tensor, eps: float, steps: list[i
 
     clean = block_statistics(model, x, blocks)
     attacked = [block_statistics(model, adversarial_examples(model, x, y, s, eps), blocks) for s in steps]
-    features = torch.cat([clean, *attacked]).double()
-    mean, scale = features.mean(0), features.std(0).clamp_min(1e-6)
+    rows = torch.cat([clean, *attacked]).double()
+    mean, scale = rows.mean(0), rows.std(0).clamp_min(1e-6)
     target = torch.cat([torch.zeros(len(clean)), torch.ones(len(clean) * len(steps))])
     weight = torch.cat([torch.full((len(clean),), float(len(steps))), torch.ones(len(clean) * len(steps))])
-    lr = LogisticRegression(C=1.0, max_iter=5000).fit(((features - mean) / scale).cpu().numpy(), target.numpy(),
+    lr = LogisticRegression(C=1.0, max_iter=5000).fit(((rows - mean) / scale).cpu().numpy(), target.numpy(),
                                                        sample_weight=weight.numpy())
     as_tensor = lambda v: torch.as_tensor(v, dtype=torch.float32, device=x.device)
     return Probe(as_tensor(mean), as_tensor(scale), as_tensor(lr.coef_[0]), float(lr.intercept_[0]))
