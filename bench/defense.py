@@ -41,7 +41,7 @@ from stages.data import Store, calibration_split, make_store
 from stages.fileio import write_json, write_text
 from stages.gate import attack_success_rate, clean_accuracy
 from stages.detectors import adversarial_examples, auroc, robust_z, strip, training_scores
-from stages.guard import build_guard, calibrated_threshold
+from stages.guard import calibrate_guard, calibrated_threshold, fit_heads
 from stages.isolate import adaptive_selection, choose, fused_suspicion, train_lga
 from stages.models import build_model, model_spec
 from stages.sources import read_source
@@ -59,8 +59,10 @@ KEYS = ["dataset", "attack", "poison_rate", "defense", "clean_accuracy", "asr", 
 # the test split calibrates the guard (the fewer calibration images, the more margin its FPR bound needs:
 # measured, BadNets 10% TPR 0.93 with a fifth, 1.00 with half); clean accuracy and ASR use the whole split.
 PROFILES = {
-    "digits": {"data": {"source": "digits", "calibration_size": 0.5}, "model": {"width": 32}, "detect": {"probe_blocks": 6},
-               "isolate": {"epochs": 20}, "unlearn": {"finetune_epochs": 10}},
+    "digits": {"data": {"source": "digits", "calibration_size": 0.5}, "model": {"width": 32},
+               "isolate": {"epochs": 20}, "unlearn": {"finetune_epochs": 10},
+               "detect": {"probe_blocks": 6,  # as params.yaml
+                          "guard": ["disagreement@isolation", "quarantine_knn@isolation", "probe@released"]}},
     # CIFAR: isolation without augmentation (a flip moves the corner patch; measured: BadNets at 5% not
     # learned in 10 augmented LGA epochs, learned by epoch 5 without), training with it.
     "cifar10": {"data": {"source": "npz", "path": CIFAR_SUBSET, "calibration_size": 0.5}, "model": {"width": 16},
@@ -82,7 +84,8 @@ DEFENSES = {
 }
 DETECTORS = ["strip", "mahalanobis", "spectral", "knn_density"]  # each alone: rows "detector:<name>" (isolation only)
 # Guard rows for comparison, not shipped by default.
-GUARD_ALTERNATIVES = ["mahalanobis@released", "mahalanobis@isolation", "knn@isolation", "knn@released", "mismatch@released"]
+GUARD_ALTERNATIVES = ["disagreement@isolation", "quarantine_knn@isolation", "quarantine_probe@isolation",
+                      "mahalanobis@released", "mahalanobis@isolation", "knn@isolation", "knn@released", "mismatch@released"]
 EPS = 8 / 255  # FGSM and PGD (10 steps of EPS / 4), L-infinity, against the released model
 GUARD_KEYS = ["dataset", "attack", "poison_rate", "detector", "tpr", "fpr", "auroc", "threshold", "seconds"]
 
@@ -246,11 +249,13 @@ def guard_benchmark(params: Params, case: tuple, released, isolation, clean: Sto
 
     test_idx, calibration = guard_split(params, x_test, y_test, clean.class_names)
     models = {"released": released, "isolation": isolation}
-    guard, _ = build_guard(params, models, clean, quarantined, calibration, device)
-    # Each detector alone, the shipped ones and the unshipped alternatives, calibrated the same way.
+    # The shipped guard, and each detector alone, the shipped ones and the unshipped alternatives, calibrated the
+    # same way: every head fitted once.
     entries = [*params.detect.guard, *(e for e in GUARD_ALTERNATIVES if e not in params.detect.guard)]
     wide = params.model_copy(update={"detect": params.detect.model_copy(update={"guard": entries})})
-    each, each_report = build_guard(wide, models, clean, quarantined, calibration, device)
+    heads = fit_heads(wide, models, clean, quarantined, device)
+    guard, _ = calibrate_guard(params, models, heads, calibration, device)
+    each, each_report = calibrate_guard(wide, models, heads, calibration, device)
     entries = [e for e in entries if e not in each_report["left_out"]]
     x_cal, x_eval = to_tensor(calibration.x, device), to_tensor(x_test[test_idx], device)
     y_eval = torch.from_numpy(y_test[test_idx]).to(device)

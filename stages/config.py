@@ -106,7 +106,8 @@ class IsolateParams(Section):
 TrainingDetector = Literal["strip", "mahalanobis", "spectral", "knn_density"]
 GuardDetector = Literal["quarantine_knn@isolation", "quarantine_knn@released", "knn@isolation", "knn@released",
                         "mahalanobis@isolation", "mahalanobis@released", "mismatch@isolation", "mismatch@released",
-                        "disagreement@isolation", "probe@released"]
+                        "disagreement@isolation", "probe@released", "quarantine_probe@released",
+                        "quarantine_probe@isolation"]
 
 
 class DetectParams(Section):
@@ -129,16 +130,18 @@ class DetectParams(Section):
         "summed). Measured (CIFAR-10 subset, PGD eps 8/255 on the released model, TPR at 5% FPR): last 0.75, all 0.42"
     )
     guard: list[GuardDetector] = Field(
-        ["disagreement@isolation", "quarantine_knn@isolation", "probe@released"], min_length=1,
-        description="detectors of the inference guard (models/guard.onnx), each on the isolation checkpoint (which "
-        "learned the trigger on purpose: it catches triggered inputs) or on the released model (adversarial "
-        "examples); the guard's score is the largest of their calibrated scores. knn: distance to clean training "
-        "features; quarantine_knn: that distance minus the distance to the quarantined suspects' features; "
-        "disagreement: how much more the isolation checkpoint than the released model believes the implicated label "
-        "(the last two are left out when the quarantine is empty); probe: a logistic regression on the released "
-        "model's block statistics, fitted on FGSM and PGD examples of clean training images (adversarial inputs); "
-        "mahalanobis (shipped before probe): distance to the nearest class's Gaussian; mismatch: how much farther the "
-        "activations lie from the predicted class than from the nearest. See bench/results/guard.md"
+        ["quarantine_probe@released", "probe@released"], min_length=1,
+        description="detectors of the inference guard (models/guard.onnx), each on the released model or on the "
+        "isolation checkpoint (which learned the trigger on purpose); the guard's score is the largest of their "
+        "calibrated scores. quarantine_probe: a logistic regression on the model's block statistics, clean training "
+        "images against the quarantined suspects (triggered inputs); probe: the same on FGSM and PGD examples of "
+        "clean training images (adversarial inputs). Both on the released model: the guard runs one backbone, at "
+        "about 1.3 times the model's own cost. Unshipped alternatives (bench/results/guard.md): knn: distance to "
+        "clean training features; quarantine_knn: that distance minus the distance to the quarantined suspects' "
+        "features; disagreement: how much more the isolation checkpoint than the released model believes the "
+        "implicated label (these and quarantine_probe are left out when the quarantine is empty); mahalanobis: "
+        "distance to the nearest class's Gaussian; mismatch: how much farther the activations lie from the "
+        "predicted class than from the nearest"
     )
     guard_fpr: float = Field(0.05, gt=0, lt=1, description="false-positive rate the guard's threshold is "
                              "calibrated to, on the clean calibration split")
@@ -163,11 +166,13 @@ class DetectParams(Section):
     probe_steps: list[Annotated[int, Field(ge=1, le=100)]] = Field(
         [1, 10], min_length=1, description="guard probe: one attack per entry, 1: FGSM, n > 1: PGD with n steps of "
         "probe_eps / 4, against the released model")
-    probe_blocks: int = Field(2, ge=1, le=6, description="guard probe: the last conv blocks whose channel means and "
-                              "standard deviations it reads. Measured (CIFAR-10 subset, onnxruntime, batch 512): 2 "
-                              "add 7% of the model's own time to the guard and catch 0.88 of PGD; all 6 add 53%, 0.96")
-    probe_samples: int = Field(2000, ge=10, le=100000, description="guard probe: clean training images attacked to "
-                               "fit it (PGD costs steps forward and backward passes each)")
+    probe_blocks: int = Field(4, ge=1, le=6, description="guard probe, quarantine_probe: the last conv blocks whose "
+                              "channel means and standard deviations they read. Measured (CIFAR-10 subset, "
+                              "onnxruntime, batch 512): 2 add 7% of the model's own time and catch 0.88 of PGD, "
+                              "0.75 of BadNets 10%; 4 add 25%, 0.95 and 1.00; all 6 add 53%, 0.96 and 1.00")
+    probe_samples: int = Field(2000, ge=10, le=100000, description="guard probe, quarantine_probe: clean training "
+                               "images they are fitted on (probe attacks each: PGD costs steps forward and backward "
+                               "passes)")
     quarantine_k: int = Field(5, ge=1, le=1000, description="guard quarantine_knn: neighbour among the quarantined "
                               "suspects whose distance is subtracted")
 

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from stages import paths
 from stages.config import Params
 from stages.data import Store, store_hash
-from stages.detectors import (Gaussians, conv_stages, features, fit_gaussians, fit_probe, kth_distance, mahalanobis,
-                              mismatch, Probe, probe_score)
+from stages.detectors import (Gaussians, conv_stages, features, fit_adversarial_probe, fit_gaussians,
+                              fit_quarantine_probe, kth_distance, mahalanobis, mismatch, Probe, probe_score)
 from stages.errors import SanitizeError
 from stages.onnx_io import input_batches, onnx_predictor, open_session
 from stages.train import to_tensor
@@ -46,11 +46,15 @@ FAMILIES = {"knn": "feature space (Sun et al. 2022, deep nearest neighbours)",
             "probe": "activation space (Metzen et al. 2017: a detector on intermediate activations, here a logistic "
                      "regression on the channel statistics of the last conv blocks, fitted on FGSM and PGD "
                      "examples of clean training images)",
+            "quarantine_probe": "activation space (the probe's logistic regression on the same block statistics, "
+                                "clean training images against the quarantined suspects; Chen et al. 2019 found "
+                                "poison separable in activations)",
             "disagreement": "model sensitivity (Jin et al.: prediction change under a mutation of the model; here the "
                             "isolation checkpoint against the released model, its unlearned descendant)"}
 
 
-NEEDS_QUARANTINE = ("quarantine_knn@", "disagreement@")  # left out of the guard when nothing is quarantined
+# Left out of the guard when nothing is quarantined.
+NEEDS_QUARANTINE = ("quarantine_knn@", "quarantine_probe@", "disagreement@")
 
 
 class KnnHead(nn.Module):
@@ -132,7 +136,9 @@ class MismatchHead(MahalanobisHead):
 
 
 class ProbeHead(nn.Module):
-    """`probe` on the statistics of its model's last `blocks` conv blocks (`SmallCNN.activations`)."""
+    """A linear probe (`probe`, `quarantine_probe`) on the statistics of its model's last `blocks` conv blocks
+    (`SmallCNN.activations`): the last columns of the statistics GuardNet computes, which may span more blocks
+    for another head on the same model."""
 
     def __init__(self, p: Probe, blocks: int):
         super().__init__()
@@ -142,7 +148,8 @@ class ProbeHead(nn.Module):
         self.register_buffer("bias", torch.tensor(p.bias))
 
     def forward(self, stats: torch.Tensor) -> torch.Tensor:
-        return probe_score(stats, Probe(self.mean, self.scale, self.weight, self.bias))
+        return probe_score(stats[:, stats.shape[1] - len(self.mean):], Probe(self.mean, self.scale, self.weight,
+                                                                              self.bias))
 
 
 class GuardNet(nn.Module):
@@ -156,8 +163,11 @@ class GuardNet(nn.Module):
                                      if any(source in (name, None) for source, _ in heads)})
         self.sources = [source for source, _ in heads]
         self.heads = nn.ModuleList([head for _, head in heads])
-        self.block_statistics = {source: head.reads_block_statistics for source, head in heads
-                                 if getattr(head, "reads_block_statistics", 0)}
+        self.block_statistics = {}  # per model, the most blocks any of its heads reads
+        for source, head in heads:
+            blocks = getattr(head, "reads_block_statistics", 0)
+            if blocks:
+                self.block_statistics[source] = max(blocks, self.block_statistics.get(source, 0))
         self.register_buffer("centre", torch.zeros(len(heads)))
         self.register_buffer("scale", torch.ones(len(heads)))
         self.register_buffer("threshold", torch.tensor(0.0))
@@ -232,21 +242,19 @@ def calibrated_threshold(scores: np.ndarray, fpr: float, confidence: float = 0.5
 
 
 @torch.no_grad()
-def build_guard(params: Params, models: dict[str, nn.Module], clean: Store, quarantined: Store,
-                calibration: Store, device: torch.device) -> tuple[GuardNet, dict]:
-    """Fit each detector on the clean training set (and the quarantine), calibrate on the calibration split
-    (never trained on). The detectors that need the quarantine (quarantine_knn, disagreement) are left out,
-    and said so in the report, when nothing is quarantined."""
+def fit_heads(params: Params, models: dict[str, nn.Module], clean: Store, quarantined: Store,
+              device: torch.device) -> dict[str, tuple]:
+    """Each detector of detect.guard fitted on the clean training set (and the quarantine): entry -> (the model
+    it reads or None, head, description). The detectors that need the quarantine are left out when it is empty.
+    The heads do not depend on which others are fitted beside them (the benchmark fits a superset once)."""
     dp = params.detect
     entries = [e for e in dp.guard if len(quarantined) or not e.startswith(NEEDS_QUARANTINE)]
-    if not entries:
-        raise SanitizeError(f"detect.guard lists only {dp.guard}, which need quarantined samples, and the quarantine "
-                            "is empty: add probe@released to detect.guard")
     x_clean, y_clean = to_tensor(clean.x, device), torch.from_numpy(clean.labels).to(device)
     fitted = {name: features(m, x_clean) for name, m in models.items()}
-    heads, described = [], []
     rng = np.random.default_rng([params.seed, 0x6A7D])
     bank = torch.from_numpy(np.sort(rng.permutation(len(clean))[:dp.knn_bank])).to(device)
+    sample = torch.from_numpy(np.sort(rng.permutation(len(clean))[:dp.probe_samples])).to(device)  # the probes'
+    heads = {}
     for entry in entries:
         detector, source = entry.split("@")
         acts = fitted[source]
@@ -258,10 +266,13 @@ def build_guard(params: Params, models: dict[str, nn.Module], clean: Store, quar
         elif detector == "knn":
             head = KnnHead(acts[-1][bank], dp.knn_k)
         elif detector == "probe":
-            sample = torch.from_numpy(np.sort(rng.permutation(len(clean))[:dp.probe_samples])).to(device)
-            head = ProbeHead(fit_probe(models[source], x_clean[sample], y_clean[sample], dp.probe_eps, dp.probe_steps,
-                                       dp.probe_blocks), dp.probe_blocks)
+            head = ProbeHead(fit_adversarial_probe(models[source], x_clean[sample], y_clean[sample], dp.probe_eps,
+                                                   dp.probe_steps, dp.probe_blocks), dp.probe_blocks)
             extra = {"eps": dp.probe_eps, "steps": dp.probe_steps, "blocks": dp.probe_blocks, "n_fit": int(len(sample))}
+        elif detector == "quarantine_probe":
+            head = ProbeHead(fit_quarantine_probe(models[source], x_clean[sample], to_tensor(quarantined.x, device),
+                                                  dp.probe_blocks), dp.probe_blocks)
+            extra = {"blocks": dp.probe_blocks, "n_clean": int(len(sample)), "n_suspects": len(quarantined)}
         elif detector == "quarantine_knn":
             suspects = features(models[source], to_tensor(quarantined.x, device))[-1]
             head = QuarantineKnnHead(acts[-1][bank], suspects, dp.knn_k, dp.quarantine_k)
@@ -270,9 +281,23 @@ def build_guard(params: Params, models: dict[str, nn.Module], clean: Store, quar
             g = fit_gaussians(stage_acts, y_clean, len(clean.class_names))
             head = (MismatchHead(g, dp.mahalanobis_stages, models[source].head) if detector == "mismatch"
                     else MahalanobisHead(g, dp.mahalanobis_stages))
-        heads.append((reads, head.to(device)))
-        described.append({"detector": detector, "model": source, "family": FAMILIES[detector], **extra})
-    guard = GuardNet(models, heads).to(device).eval()
+        heads[entry] = (reads, head.to(device), {"detector": detector, "model": source, "family": FAMILIES[detector],
+                                                 **extra})
+    return heads
+
+
+@torch.no_grad()
+def calibrate_guard(params: Params, models: dict[str, nn.Module], heads: dict[str, tuple], calibration: Store,
+                    device: torch.device) -> tuple[GuardNet, dict]:
+    """The guard of these fitted heads (`fit_heads`), its scales and threshold calibrated on the calibration split
+    (never trained on), and its report."""
+    dp = params.detect
+    entries = [e for e in dp.guard if e in heads]
+    if not entries:
+        raise SanitizeError(f"detect.guard lists only {dp.guard}, which need quarantined samples, and the quarantine "
+                            "is empty: add probe@released to detect.guard")
+    guard = GuardNet(models, [heads[e][:2] for e in entries]).to(device).eval()
+    described = [dict(heads[e][2]) for e in entries]
     x_cal = to_tensor(calibration.x, device)
     raw = guard.detector_scores(x_cal)  # centre 0, scale 1 so far: the raw scores
     # Each detector on one scale by its upper tail, where the threshold lies: 0 at its calibration median, 1 at the
@@ -296,6 +321,13 @@ def build_guard(params: Params, models: dict[str, nn.Module], clean: Store, quar
               "calibration_fpr": float(np.mean(score > threshold)), "calibration_hash": store_hash(calibration),
               "detectors": described, "left_out": [e for e in dp.guard if e not in entries]}
     return guard, report
+
+
+@torch.no_grad()
+def build_guard(params: Params, models: dict[str, nn.Module], clean: Store, quarantined: Store,
+                calibration: Store, device: torch.device) -> tuple[GuardNet, dict]:
+    """`fit_heads`, then `calibrate_guard`: the guard of detect.guard and its report."""
+    return calibrate_guard(params, models, fit_heads(params, models, clean, quarantined, device), calibration, device)
 
 
 def export_guard(guard: GuardNet, image_shape: tuple[int, int, int], path: Path, opset: int, meta: dict) -> None:
