@@ -7,11 +7,15 @@ cost, and the guard can be recalibrated without touching the model. It takes the
 
 Each detector (params detect.guard) scores the input on the released model, on the isolation checkpoint,
 which learned the trigger on purpose, so a triggered input lands where the poison did, or on both
-(disagreement). Each score is put on one scale by the clean calibration split: 0 at its median, 1 at its
-own calibration score of the rank that its share of the false-positive budget keeps (`fpr_shares`); the
-guard's score is the largest, and its threshold keeps the false-positive rate at most `detect.guard_fpr`
-with probability `detect.guard_confidence` (`calibrated_threshold`), judged on that split. The threshold,
-the calibration data's hash and the detectors are in the file's metadata.
+(disagreement). The default for real images reads the released model alone, one backbone: `quarantine_probe`
+(triggered inputs: the released model unlearned the trigger's label, not the trigger's look) and `probe`
+(adversarial inputs), two linear probes on the block statistics of one pass.
+
+Each score is put on one scale by the clean calibration split: 0 at its median, 1 at its own calibration
+score of the rank that its share of the false-positive budget keeps (`fpr_shares`); the guard's score is
+the largest, and its threshold keeps the false-positive rate at most `detect.guard_fpr` with probability
+`detect.guard_confidence` (`calibrated_threshold`), judged on that split. The threshold, the calibration
+data's hash and the detectors are in the file's metadata.
 
 `python -m stages guard IMAGE... [--json]` prints each image's predicted class, score and verdict.
 """
