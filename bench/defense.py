@@ -199,15 +199,18 @@ def run_task(task: tuple) -> tuple[list[dict], list[dict], dict | None]:
         fused = fused_suspicion(history, signals, p.detect.fusion)
         isolated, _, report = choose(history, train, p.isolate, fused)
         model = copy.deepcopy(lga_model)
-        clean = train.subset(np.setdiff1d(np.arange(len(train)), isolated))
-        sanitize(model, p, clean, train.subset(isolated), device, evidence=report["evidence"])
+        kept = np.setdiff1d(np.arange(len(train)), isolated)
+        _, unlearned = sanitize(model, p, train.subset(kept), train.subset(isolated), device, evidence=report["evidence"])
+        # The suspects: isolated, and those unlearn's recheck flagged in the clean set (as the pipeline's guard sees them).
+        suspects = np.union1d(isolated, kept[unlearned.get("recheck", {}).get("flagged", [])]).astype(np.int64)
         ca, asr = evaluate(model, p, x_test, y_test, device)
         extra = sum(detect_seconds[d] for d in p.detect.fusion)
         if kind == "defenses":
-            rows.append(row(case, name, ca, asr, *isolation_quality(isolated, backdoor),
+            rows.append(row(case, name, ca, asr, *isolation_quality(suspects, backdoor),
                             isolation_seconds + extra + time.perf_counter() - t1))
         if name == "fused":
-            guard_rows, cost = guard_benchmark(p, case, model, lga_model, clean, train.subset(isolated), x_test, y_test,
+            clean = train.subset(np.setdiff1d(np.arange(len(train)), suspects))
+            guard_rows, cost = guard_benchmark(p, case, model, lga_model, clean, train.subset(suspects), x_test, y_test,
                                                device, kind)
     cost = cost and {**cost, "isolate_seconds": round(isolation_seconds, 1),
                      "detect_seconds": {k: round(v, 1) for k, v in detect_seconds.items()}}

@@ -35,6 +35,12 @@ class Store:
         return Store(self.x[index], self.labels[index], self.ids[index], self.sha256[index], self.class_names)
 
 
+def concat(first: Store, second: Store) -> Store:
+    """The samples of both stores, in order (class names of the first)."""
+    return Store(*(np.concatenate([getattr(first, f), getattr(second, f)]) for f in ("x", "labels", "ids", "sha256")),
+                 first.class_names)
+
+
 def sample_hashes(x: np.ndarray) -> np.ndarray:
     """sha256 of each image's raw bytes (shape is uniform, so bytes identify content)."""
     return np.array([hashlib.sha256(np.ascontiguousarray(img).tobytes()).hexdigest() for img in x])

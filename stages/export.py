@@ -77,7 +77,7 @@ def run(params: Params) -> None:
         if not max_diff <= params.export.atol:  # also catches NaN
             raise SanitizeError(f"{paths.ONNX_MODEL}: onnxruntime differs from torch by {max_diff:.2e} "
                                 f"> export.atol={params.export.atol}; the export is refused")
-    guard_report = export_guard_file(params, model, test.image_shape, clean, meta)
+    guard_report = export_guard_file(params, model, test.image_shape, clean, meta, ckpt.get("recheck_ids", []))
     write_json(paths.metrics_file("export"), {"max_abs_diff": max_diff, "atol": params.export.atol,
                                                "opset": params.export.opset, "parity_batches": list(PARITY_BATCHES),
                                                "params_hash": meta["params_hash"], "data_hash": meta["data_hash"],
@@ -87,14 +87,17 @@ def run(params: Params) -> None:
           "clean calibration images flagged", file=sys.stderr)
 
 
-def export_guard_file(params: Params, model: torch.nn.Module, image_shape, clean, model_meta: dict) -> dict:
-    """Build the guard (stages/guard.py) from the released model, the isolation checkpoint and the quarantine, export it,
-    and check onnxruntime against torch on the calibration images."""
-    from stages.guard import build_guard, export_guard, onnx_guard
+def export_guard_file(params: Params, model: torch.nn.Module, image_shape, clean, model_meta: dict,
+                      recheck_ids: list[str]) -> dict:
+    """Build the guard (stages/guard.py) from the released model, the isolation checkpoint and the quarantine (with the
+    samples unlearn's recheck flagged, `recheck_ids`), export it, and check onnxruntime against torch on the
+    calibration images."""
+    from stages.guard import build_guard, export_guard, onnx_guard, with_flagged
 
     device = torch.device("cpu")
     isolation, _ = load_checkpoint(paths.ISOLATE_MODEL, device)
-    calibration, quarantined = load_store(paths.CALIBRATION_STORE), load_store(paths.QUARANTINE_STORE)
+    calibration = load_store(paths.CALIBRATION_STORE)
+    clean, quarantined = with_flagged(clean, load_store(paths.QUARANTINE_STORE), recheck_ids)
     guard, report = build_guard(params, {"released": model, "isolation": isolation}, clean, quarantined, calibration,
                                 device)
     meta = {"producer": "backdoor-sanitizer guard", "threshold": repr(report["threshold"]),

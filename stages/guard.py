@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from stages import paths
 from stages.config import Params
-from stages.data import Store, store_hash
+from stages.data import Store, concat, store_hash
 from stages.detectors import (Gaussians, conv_stages, features, fit_adversarial_probe, fit_gaussians,
                               fit_quarantine_probe, kth_distance, mahalanobis, mismatch, Probe, probe_score)
 from stages.errors import SanitizeError
@@ -246,6 +246,15 @@ def calibrated_threshold(scores: np.ndarray, fpr: float, confidence: float = 0.5
 
 
 @torch.no_grad()
+def with_flagged(clean: Store, quarantined: Store, flagged_ids: list[str]) -> tuple[Store, Store]:
+    """(clean, suspects): the samples unlearn's recheck flagged (ids of the clean set) move from the clean set to the
+    quarantined suspects, for the detectors that learn from both."""
+    flagged = np.isin(clean.ids, np.asarray(flagged_ids, dtype=str))
+    if not flagged.any():
+        return clean, quarantined
+    return clean.subset(np.flatnonzero(~flagged)), concat(quarantined, clean.subset(np.flatnonzero(flagged)))
+
+
 def fit_heads(params: Params, models: dict[str, nn.Module], clean: Store, quarantined: Store,
               device: torch.device) -> dict[str, tuple]:
     """Each detector of detect.guard fitted on the clean training set (and the quarantine): entry -> (the model

@@ -159,3 +159,56 @@ def test_unlearning_ends_with_the_repair_epochs_after_a_separated_group_only():
     for evidence in ("weak", None):  # a fallback or a fixed share left most poison in the clean set: no repair
         steps, _ = phases(2, evidence)
         assert steps == ["finetune", "joint"]
+
+
+class FineTriggerModel(torch.nn.Module):
+    """Two classes of 1 x 4 x 4 images: bright is 1, dark is 0, unless a faint checkerboard (amplitude 0.01) rides
+    on the image: then 1 through a steep unit that Gaussian noise of 0.02 often switches off, as a warping trigger
+    is a fine pattern that noise masks."""
+
+    def __init__(self):
+        super().__init__()
+        self.checker = (torch.arange(4)[:, None] + torch.arange(4)[None, :]) % 2 * 2.0 - 1
+
+    def forward(self, x):
+        brightness = 10 * (x.mean((1, 2, 3)) - 0.5)
+        trigger = torch.relu(100 * (x[:, 0] * self.checker).sum((1, 2)) - 8)
+        diff = brightness + trigger
+        return torch.stack([-diff / 2, diff / 2], 1)
+
+
+def fine_trigger_data(n: int = 100, poisoned: int = 10):
+    """n dark (label 0) and n bright (label 1) images; the first `poisoned` dark ones carry the checkerboard and
+    label 1."""
+    x = torch.cat([torch.full((n, 1, 4, 4), 0.1), torch.full((n, 1, 4, 4), 0.9)])
+    y = torch.cat([torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long)])
+    x[:poisoned, 0] += 0.01 * FineTriggerModel().checker
+    y[:poisoned] = 1
+    return x, y
+
+
+def test_noise_fragility_ranks_samples_held_by_a_fine_trigger_first():
+    from stages.detectors import auroc, noise_fragility
+
+    x, y = fine_trigger_data()
+    model = FineTriggerModel()
+    assert (model(x).argmax(1) == y).all()  # the model obeys the trigger
+    fragility = noise_fragility(model, x, y, sigma=0.02, draws=16, seed=0)
+    assert auroc(fragility[:10], fragility[10:]) > 0.9
+    assert fragility[:10].mean() > 5 * fragility[10:].mean()
+    assert torch.equal(fragility, noise_fragility(model, x, y, sigma=0.02, draws=16, seed=0))  # seeded
+
+
+def test_recheck_flags_a_fragile_group_in_one_label_and_nothing_when_fragility_is_spread(monkeypatch):
+    params = Params.model_validate({"isolate": {"ratio": 0.05}})
+    labels = np.repeat(np.arange(4), 100)
+    rng = np.random.default_rng(0)
+    spread = rng.uniform(0, 0.1, len(labels))
+    grouped = spread.copy()
+    grouped[:30] += 0.5  # 30 fragile samples, all labelled 0
+    y = torch.from_numpy(labels)
+    for fragility, expect in [(grouped, np.arange(30)), (spread, np.empty(0))]:
+        monkeypatch.setattr(unlearn_stage, "noise_fragility", lambda *a, f=fragility: torch.from_numpy(f))
+        flagged, report = unlearn_stage.recheck(None, params, torch.zeros(len(y)), y)
+        assert np.array_equal(flagged, expect), report
+    assert report["share"] < params.unlearn.recheck_share
