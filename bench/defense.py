@@ -8,7 +8,8 @@ For each dataset, attack and poison rate, with one model and one epoch budget pe
   gradient ascent on the isolated set at lr 5e-4;
 - abl+adaptive: isolation sized from the loss curves, joint unlikelihood unlearning followed by one
   repair epoch of clean fine-tuning, and a fresh start of the released model when isolation finds no
-  evidence (unlearn.restart: no_evidence);
+  evidence (unlearn.restart: no_evidence), followed by the trained model's second look (unlearn.recheck),
+  whose flagged samples count as isolated;
 - fused: the same, with the loss fused with the detectors: the pipeline's default for real images;
 - fused+resample: the same, the restarted model trained on randomly sub-pixel-resampled images
   (unlearn.restart_resample: 0.5), which defuses warping triggers at a cost in clean accuracy;

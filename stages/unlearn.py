@@ -10,7 +10,8 @@ an epoch after which it dropped by more than `unlearn.max_accuracy_drop` is roll
 half the learning rate (`unlearn.retries` times), then unlearning stops. When isolation found a separated
 group, a short clean fine-tune at a low learning rate then repairs what unlearning cost
 (`unlearn.repair_epochs`; plain ABL has none). When nothing is unlearned, nothing is held out: the model
-trains on every clean sample.
+trains on every clean sample. After a fresh start, the trained model takes a second look (`unlearn.recheck`)
+for a trigger that isolation could not see because it is learned late (WaNet), and unlearns what it finds.
 """
 
 from __future__ import annotations
