@@ -287,25 +287,32 @@ def test_guard_command(pipeline, tmp_path):
     assert wrong.returncode == 2 and "big.png" in wrong.stderr and "8x8" in wrong.stderr
 
 
+def small_digits_model(x: torch.Tensor, y: torch.Tensor, params: Params) -> torch.nn.Module:
+    """A width-8 CNN trained 8 epochs on digits, in eval mode."""
+    from stages.models import build_model, model_spec
+    from stages.train import make_optimizer, train_epoch
+
+    model = build_model(model_spec((8, 8, 1), 10, 8, [0.3], [0.4]))
+    opt = make_optimizer(model, params.train.lr, params.train)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        train_epoch(model, opt, x, y, lambda losses: losses.mean(), 64, gen)
+    return model.eval()
+
+
 def test_probe_flags_adversarial_examples_of_held_out_digits():
     """A model trained on real digits; the probe, fitted on FGSM and PGD examples of training images, flags PGD
     examples of held-out images, unseen in its fit, and does so better than mahalanobis on the last stage."""
     from stages.detectors import adversarial_examples, block_statistics, features, fit_adversarial_probe, probe_score
-    from stages.models import build_model, model_spec
     from stages.sources import read_digits
-    from stages.train import make_optimizer, seed_everything, to_tensor, train_epoch
+    from stages.train import seed_everything, to_tensor
 
     params = Params.model_validate({"device": "cpu"})
     seed_everything(0)
     src = read_digits(0.2, 0)
     x, y = to_tensor(src.train.x, torch.device("cpu")), torch.from_numpy(src.train.y)
     x_test, y_test = to_tensor(src.test.x, torch.device("cpu")), torch.from_numpy(src.test.y)
-    model = build_model(model_spec((8, 8, 1), 10, 8, [0.3], [0.4]))
-    opt = make_optimizer(model, params.train.lr, params.train)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(8):
-        train_epoch(model, opt, x, y, lambda losses: losses.mean(), 64, gen)
-    model.eval()
+    model = small_digits_model(x, y, params)
     eps = 0.15
     pgd = adversarial_examples(model, x_test, y_test, 10, eps)
     assert (model(pgd).argmax(1) == y_test).float().mean() < 0.1  # the attack works on this model
@@ -325,9 +332,8 @@ def test_quarantine_probe_flags_held_out_triggered_digits_and_not_a_placebo_quar
     the poisoned ones, scores triggered held-out digits above clean ones. Fitted against as many clean training
     digits instead (a quarantine of false positives), it does not (measured AUROC 1.0 against 0.54)."""
     from stages.detectors import block_statistics, fit_quarantine_probe, probe_score
-    from stages.models import build_model, model_spec
     from stages.sources import read_digits
-    from stages.train import make_optimizer, seed_everything, to_tensor, train_epoch
+    from stages.train import seed_everything, to_tensor
     from stages.triggers import apply_trigger, poison
 
     params, cpu = Params.model_validate({"device": "cpu"}), torch.device("cpu")
@@ -335,12 +341,7 @@ def test_quarantine_probe_flags_held_out_triggered_digits_and_not_a_placebo_quar
     src = read_digits(0.2, 0)
     x_poisoned, y_poisoned, truth = poison(src.train.x, src.train.y, params.redteam, 0)
     x, y = to_tensor(x_poisoned, cpu), torch.from_numpy(y_poisoned)
-    model = build_model(model_spec((8, 8, 1), 10, 8, [0.3], [0.4]))
-    opt = make_optimizer(model, params.train.lr, params.train)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(8):
-        train_epoch(model, opt, x, y, lambda losses: losses.mean(), 64, gen)
-    model.eval()
+    model = small_digits_model(x, y, params)
     keep = src.test.y != params.redteam.target
     x_clean = to_tensor(src.test.x, cpu)
     x_triggered = to_tensor(apply_trigger(src.test.x[keep], "badnets", params.redteam), cpu)
