@@ -212,3 +212,35 @@ def test_recheck_flags_a_fragile_group_in_one_label_and_nothing_when_fragility_i
         flagged, report = unlearn_stage.recheck(None, params, torch.zeros(len(y)), y)
         assert np.array_equal(flagged, expect), report
     assert report["share"] < params.unlearn.recheck_share
+
+
+def test_what_the_recheck_flags_after_a_restart_leaves_training_and_is_unlearned(monkeypatch):
+    flagged = np.arange(0, 60, 3)  # clean-set indices the second look "finds"
+    looks = []
+
+    def recheck(model, params, x, y):
+        looks.append(len(x))
+        return flagged, {"label": 0, "share": 1.0, "n_flagged": len(flagged)}
+
+    monkeypatch.setattr(unlearn_stage, "recheck", recheck)
+    _, clean, _ = digits_model_and_sets(1)
+    _, report = released_weights(1, evidence="none")
+    assert looks == [len(clean)] and report["restarted"]
+    assert report["recheck"]["flagged"] == flagged.tolist() and report["n_unlearned"] == len(flagged)
+    assert report["n_finetune"] + report["n_holdout"] == len(clean) - len(flagged) and report["unlearn_epochs_run"] == 1
+    for evidence in ("group", "weak", None):  # isolation found something: no second look
+        _, report = released_weights(1, evidence=evidence)
+    assert looks == [len(clean)] and "recheck" not in report
+
+
+def test_the_guard_learns_from_the_recheck_flags_as_from_the_quarantine():
+    from stages.data import make_store
+    from stages.guard import with_flagged
+
+    clean = make_store(np.arange(16).reshape(4, 2, 2, 1), [0, 1, 0, 1], ["a", "b", "c", "d"], ["0", "1"])
+    quarantined = make_store(np.full((1, 2, 2, 1), 99), [1], ["q"], ["0", "1"])
+    kept, suspects = with_flagged(clean, quarantined, ["b", "d"])
+    assert list(kept.ids) == ["a", "c"] and list(suspects.ids) == ["q", "b", "d"]
+    assert np.array_equal(suspects.x[1:], clean.x[[1, 3]]) and list(suspects.labels) == [1, 1, 1]
+    kept, suspects = with_flagged(clean, quarantined, [])
+    assert kept is clean and suspects is quarantined
