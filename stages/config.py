@@ -136,7 +136,7 @@ class DetectParams(Section):
         "calibrated scores. quarantine_probe: a logistic regression on the model's block statistics, clean training "
         "images against the quarantined suspects (triggered inputs); probe: the same on FGSM and PGD examples of "
         "clean training images (adversarial inputs). Both on the released model: the guard runs one backbone, at "
-        "about 1.3 times the model's own cost. Unshipped alternatives (bench/results/guard.md): knn: distance to "
+        "1.18-1.27 times the model's own cost in onnxruntime (CIFAR-10 subset). Unshipped alternatives (bench/results/guard.md): knn: distance to "
         "clean training features; quarantine_knn: that distance minus the distance to the quarantined suspects' "
         "features; disagreement: how much more the isolation checkpoint than the released model believes the "
         "implicated label (these and quarantine_probe are left out when the quarantine is empty); mahalanobis: "
@@ -205,7 +205,8 @@ class UnlearnParams(Section):
         "the isolate.ratio share of the clean set most fragile under Gaussian noise (detectors.noise_fragility); "
         "when recheck_share of them carry one label, that label's samples past Kittler's cut of fragility are "
         "taken out of training and unlearned (a warping trigger, which the isolation model does not learn early). "
-        "CIFAR-10 subset, WaNet 10%: ASR 0.70 -> 0.02. false: the restarted model is released as trained"
+        "CIFAR-10 subset (bench rows abl+adaptive, fused): WaNet 10% ASR 0.70 -> 0.02, 0.08; WaNet 5% 0.32 -> 0.06, 0.12. "
+        "false: the restarted model is released as trained"
     )
     recheck_sigma: float = Field(0.02, gt=0, le=1, description="recheck: standard deviation of the noise, in [0, 1] "
                                  "pixels")
