@@ -137,11 +137,11 @@ class DetectParams(Section):
         "images against the quarantined suspects (triggered inputs); probe: the same on FGSM and PGD examples of "
         "clean training images (adversarial inputs). Both on the released model: the guard runs one backbone, at "
         "1.18-1.27 times the model's own cost in onnxruntime (CIFAR-10 subset). Unshipped alternatives "
-        "(bench/results/guard.md): knn: distance to clean training features; quarantine_knn: that distance minus the distance to the quarantined suspects' "
-        "features; disagreement: how much more the isolation checkpoint than the released model believes the "
-        "implicated label (these and quarantine_probe are left out when the quarantine is empty); mahalanobis: "
-        "distance to the nearest class's Gaussian; mismatch: how much farther the activations lie from the "
-        "predicted class than from the nearest"
+        "(bench/results/guard.md): knn: distance to clean training features; quarantine_knn: that distance minus "
+        "the distance to the quarantined suspects' features; disagreement: how much more the isolation checkpoint "
+        "than the released model believes the implicated label (these and quarantine_probe are left out when the "
+        "quarantine is empty); mahalanobis: distance to the nearest class's Gaussian; mismatch: how much farther "
+        "the activations lie from the predicted class than from the nearest"
     )
     guard_fpr: float = Field(0.05, gt=0, lt=1, description="false-positive rate the guard's threshold is "
                              "calibrated to, on the clean calibration split")

@@ -245,7 +245,6 @@ def calibrated_threshold(scores: np.ndarray, fpr: float, confidence: float = 0.5
     return float(kept if allowed == 0 else (kept + s[n - allowed]) / 2)
 
 
-@torch.no_grad()
 def with_flagged(clean: Store, quarantined: Store, flagged_ids: list[str]) -> tuple[Store, Store]:
     """(clean, suspects): the samples unlearn's recheck flagged (ids of the clean set) move from the clean set to the
     quarantined suspects, for the detectors that learn from both."""
@@ -255,6 +254,7 @@ def with_flagged(clean: Store, quarantined: Store, flagged_ids: list[str]) -> tu
     return clean.subset(np.flatnonzero(~flagged)), concat(quarantined, clean.subset(np.flatnonzero(flagged)))
 
 
+@torch.no_grad()
 def fit_heads(params: Params, models: dict[str, nn.Module], clean: Store, quarantined: Store,
               device: torch.device) -> dict[str, tuple]:
     """Each detector of detect.guard fitted on the clean training set (and the quarantine): entry -> (the model

@@ -203,6 +203,7 @@ def sanitize(model, params: Params, clean: Store, quarantined: Store, device: to
 
 def unlearn_and_repair(model, params: Params, xq, yq, x, y, x_val, y_val, gen, curve: list, watch,
                        evidence: str | None) -> dict:
+    """`unlearn` the suspects, then, after a separated group, the repair epochs."""
     report = unlearn(model, params, xq, yq, x, y, x_val, y_val, gen, curve, watch, evidence)
     if params.unlearn.repair_epochs and evidence == "group":
         # Unlearning bends features that clean samples share with the suspects; a short, gentle fine-tune
