@@ -279,18 +279,14 @@ def noise_fragility(model, x: torch.Tensor, labels: torch.Tensor, sigma: float, 
     and within that class fragility ranks poison above clean at AUROC 0.84; on clean data the 1% most fragile
     spread over classes (at most 0.41 in one). Patch and blend triggers survive such noise and do not show."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
-
-    def label_probability(batch: torch.Tensor, start: int) -> torch.Tensor:
-        return model(batch).softmax(1)[torch.arange(len(batch)), labels[start:start + len(batch)]]
-
     model.eval()
     lost = torch.zeros(len(x), device=x.device)
     for start in range(0, len(x), BATCH):
-        batch = x[start:start + BATCH]
-        before = label_probability(batch, start)
+        batch, label = x[start:start + BATCH], labels[start:start + BATCH, None]
+        before = model(batch).softmax(1).gather(1, label)[:, 0]
         for _ in range(draws):
             noisy = (batch + sigma * torch.randn(batch.shape, generator=gen, device=x.device)).clamp(0, 1)
-            lost[start:start + len(batch)] += (before - label_probability(noisy, start)) / draws
+            lost[start:start + len(batch)] += (before - model(noisy).softmax(1).gather(1, label)[:, 0]) / draws
     return lost
 
 
