@@ -332,13 +332,38 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {gpu}; Python {platform.python_version()}, torch {torch.__version__}"
 
 
+def reference_throughput(threads: int, seconds: float = 5.0) -> float:
+    """Training images per second of the CIFAR profile's model (batch 128, 32x32 RGB, SGD) on random data, with one
+    worker's threads: the machine's speed on the day, so that wall times of runs on other days compare (the same
+    code took 46 and 80 minutes on two days, its isolation 50-63 s and 82-94 s a unit)."""
+    torch.set_num_threads(threads)
+    model = build_model(model_spec((32, 32, 3), 10, PROFILES["cifar10"]["model"]["width"], [0.5] * 3, [0.25] * 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(128, 3, 32, 32, generator=gen), torch.randint(0, 10, (128,), generator=gen)
+
+    def step():
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    for _ in range(2):  # the first steps allocate and warm up
+        step()
+    images, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        step()
+        images += len(x)
+    return images / (time.perf_counter() - t0)
+
+
 def fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = ["# Defense benchmark", "", f"Machine: {meta['machine']}. Wall time: {meta['wall_seconds'] / 60:.1f} min "
-             f"({meta['jobs']} worker processes, {meta['threads']} torch thread(s) each).", "",
+             f"({meta['jobs']} worker processes, {meta['threads']} torch thread(s) each). Reference speed before the run: "
+             f"{meta['reference_images_per_second']:,.0f} training images/s (`reference_throughput`).", "",
              "Model and budget per dataset (`none` and `oracle` train for isolate + fine-tune epochs):", ""]
     for name, prof in meta["profiles"].items():
         lines.append(f"- **{name}**: `{json.dumps(prof, sort_keys=True)}`")
@@ -423,6 +448,8 @@ def main(argv=None) -> int:
     if not args.no_adversarial:  # a clean training run per dataset, for FGSM and PGD against its released model
         tasks += [(d, "badnets", 0.0, "adversarial", ["fused"], threads) for d in datasets]
     tasks.sort(key=lambda t: (t[0] != "cifar10", t[3] != "defenses"))
+    reference = reference_throughput(threads)
+    print(f"[bench] reference speed: {reference:,.0f} training images/s", file=sys.stderr, flush=True)
     rows, guard_rows, costs, t0 = [], [], [], time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(run_task, t): t for t in tasks}
@@ -444,7 +471,8 @@ def main(argv=None) -> int:
     guard_rows.sort(key=guard_sort_key)
     costs.sort(key=lambda c: (c["dataset"], c["attack"], c["poison_rate"]))
     meta = {"machine": machine(), "wall_seconds": round(time.perf_counter() - t0, 1), "jobs": args.jobs,
-            "threads": threads, "profiles": {d: PROFILES[d] for d in datasets}}
+            "threads": threads,
+            "reference_images_per_second": round(reference), "profiles": {d: PROFILES[d] for d in datasets}}
     write_json(out / "defense.json", rows)
     write_json(out / "defense.meta.json", meta)
     write_text(out / "defense.md", markdown(rows, meta))
