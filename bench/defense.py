@@ -6,10 +6,11 @@ For each dataset, attack and poison rate, with one model and one epoch budget pe
 - oracle: the same training with every sample the attack touched removed (the floor for ASR);
 - abl: plain ABL (Li et al. 2021): isolate the 1% lowest-loss samples, fine-tune on the rest,
   gradient ascent on the isolated set at lr 5e-4;
-- abl+adaptive: isolation sized from the loss curves, joint unlikelihood unlearning followed by one
-  repair epoch of clean fine-tuning, and a fresh start of the released model when isolation finds no
-  evidence (unlearn.restart: no_evidence), followed by the trained model's second look (unlearn.recheck),
-  whose flagged samples count as isolated;
+- abl+adaptive: isolation sized from the loss curves (a separated group refined over the isolation
+  model's features: isolate.refine_k), joint unlikelihood unlearning followed by one repair epoch of
+  clean fine-tuning, and a fresh start of the released model when isolation finds no evidence
+  (unlearn.restart: no_evidence), followed by the trained model's second look (unlearn.recheck), whose
+  flagged samples count as isolated;
 - fused: the same, with the loss fused with the detectors: the pipeline's default for real images;
 - fused+resample: the same, the restarted model trained on randomly sub-pixel-resampled images
   (unlearn.restart_resample: 0.5), which defuses warping triggers at a cost in clean accuracy;
@@ -41,7 +42,7 @@ from stages.config import Params
 from stages.data import Store, calibration_split, make_store
 from stages.fileio import write_json, write_text
 from stages.gate import attack_success_rate, clean_accuracy
-from stages.detectors import adversarial_examples, auroc, robust_z, strip, training_scores
+from stages.detectors import adversarial_examples, auroc, features, robust_z, strip, training_scores
 from stages.guard import calibrate_guard, calibrated_threshold, fit_heads
 from stages.isolate import adaptive_selection, choose, fused_suspicion, train_lga
 from stages.models import build_model, model_spec
@@ -184,6 +185,7 @@ def run_task(task: tuple) -> tuple[list[dict], list[dict], dict | None]:
     isolation_seconds = time.perf_counter() - t0
     signals, detect_seconds = {}, {}
     x, y = to_tensor(train.x, device), torch.from_numpy(train.labels).to(device)
+    penultimate = features(lga_model, x)[-1]  # isolate.refine_k's feature space
     for name in DETECTORS:
         t1 = time.perf_counter()
         signals[name] = training_scores(lga_model, x, y, [name], params.detect, params.seed)[name].cpu().numpy()
@@ -198,7 +200,7 @@ def run_task(task: tuple) -> tuple[list[dict], list[dict], dict | None]:
         t1 = time.perf_counter()
         p = profile_params(dataset, attack, rate, DEFENSES[name])
         fused = fused_suspicion(history, signals, p.detect.fusion)
-        isolated, _, report = choose(history, train, p.isolate, fused)
+        isolated, _, report = choose(history, train, p.isolate, fused, penultimate)
         model = copy.deepcopy(lga_model)
         kept = np.setdiff1d(np.arange(len(train)), isolated)
         _, unlearned = sanitize(model, p, train.subset(kept), train.subset(isolated), device, evidence=report["evidence"])

@@ -17,7 +17,7 @@ import torch
 from stages import paths
 from stages.config import IsolateParams, Params
 from stages.data import Store, load_store
-from stages.detectors import robust_z, training_scores
+from stages.detectors import features, robust_z, training_scores
 from stages.fileio import atomic_dir, write_csv, write_json
 from stages.models import build_model, model_spec, save_checkpoint
 from stages.plots import isolation_plots
@@ -154,6 +154,34 @@ def adaptive_selection(score: np.ndarray, labels: np.ndarray, ids: np.ndarray, p
     return np.sort(chosen), {**report, "implicated_label": implicated, "rule": rule, "evidence": "group"}
 
 
+def refine_by_neighbours(feats: torch.Tensor, labels: np.ndarray, isolated: np.ndarray, p: IsolateParams) -> np.ndarray:
+    """The isolated set, smoothed over the isolation model's feature space (`isolate.refine_k`): within the implicated
+    class, an isolated sample stays when `refine_keep` of its `refine_k` nearest class-mates (cosine distance of
+    penultimate features) are isolated too, and a class-mate joins when `refine_add` of its neighbours are.
+
+    A separated group is cut on a score, and a cut lets through easy clean samples of the class (their loss sits as
+    low as the poison's) and leaves out poison just above it; in feature space the model that learned the trigger
+    puts its samples in one clump, away from the class's clean ones, so the neighbours tell them apart (the
+    label-consistency check of Peri et al. 2020's deep k-NN defense, with the isolated set as the label)."""
+    if not len(isolated) or not p.refine_k:
+        return isolated
+    pool = np.flatnonzero(labels == np.bincount(labels[isolated]).argmax())
+    k = min(p.refine_k, len(pool) - 1)
+    if k < 1:
+        return isolated
+    is_suspect = np.isin(pool, isolated)
+    bank = torch.nn.functional.normalize(feats[torch.from_numpy(pool).to(feats.device)].float(), dim=1)
+    nearest = []
+    for start in range(0, len(bank), 1024):  # one block of similarities at a time: memory O(block x class size)
+        sim = bank[start:start + 1024] @ bank.T
+        rows = torch.arange(len(sim), device=sim.device)
+        sim[rows, rows + start] = -torch.inf  # not its own neighbour
+        nearest.append(sim.topk(k, dim=1).indices.cpu().numpy())
+    share = is_suspect[np.concatenate(nearest)].mean(axis=1)
+    member = np.where(is_suspect, share >= p.refine_keep, share >= p.refine_add)
+    return np.union1d(np.setdiff1d(isolated, pool), pool[member])
+
+
 def train_lga(params: Params, store: Store, device: torch.device):
     """Returns the model, its spec and the loss history [N, epochs]."""
     seed_everything(params.seed)
@@ -205,10 +233,13 @@ def fused_suspicion(history: np.ndarray, signals: dict[str, np.ndarray], names: 
     return -torch.stack(parts).mean(0).numpy()
 
 
-def choose(history: np.ndarray, store: Store, p: IsolateParams, fused: np.ndarray | None = None):
+def choose(history: np.ndarray, store: Store, p: IsolateParams, fused: np.ndarray | None = None,
+           feats: torch.Tensor | None = None):
     """(isolated indices, the score they were ranked by (low = suspicious), a report of the rule), per
     `isolate.selection`; `fused` (from `fused_suspicion`) replaces the loss as the ranking. The report's
-    `evidence` is the adaptive rule's ("group", "weak" or "none"), None for the ratio rule."""
+    `evidence` is the adaptive rule's ("group", "weak" or "none"), None for the ratio rule. A separated group is
+    refined over `feats` (the isolation model's penultimate features) when `isolate.refine_k` is set; a fallback's
+    share is no group and is left as it is."""
     suspicion = suspicion_score(history)
     rank_by = fused if fused is not None else history[:, -1] if p.selection == "ratio" else suspicion
     if p.ratio == 0:
@@ -216,6 +247,11 @@ def choose(history: np.ndarray, store: Store, p: IsolateParams, fused: np.ndarra
     if p.selection == "ratio":
         return lowest(rank_by, store.ids, p.ratio), rank_by, {"rule": "ratio", "evidence": None}
     isolated, report = adaptive_selection(suspicion, store.labels, store.ids, p, rank_by, history[:, -1])
+    if report["evidence"] == "group" and p.refine_k and feats is not None:
+        refined = refine_by_neighbours(feats, store.labels, isolated, p)
+        report["refined"] = {"dropped": int(len(np.setdiff1d(isolated, refined))),
+                             "added": int(len(np.setdiff1d(refined, isolated)))}
+        isolated = refined
     return isolated, rank_by, report
 
 
@@ -227,11 +263,13 @@ def run(params: Params) -> None:
     train_seconds = time.perf_counter() - t0
     dp = params.detect
     t0 = time.perf_counter()
+    x = to_tensor(store.x, device)
     signals = {name: v.cpu().numpy() for name, v in training_scores(
-        model, to_tensor(store.x, device), torch.from_numpy(store.labels).to(device), dp.training, dp, params.seed).items()}
+        model, x, torch.from_numpy(store.labels).to(device), dp.training, dp, params.seed).items()}
     detect_seconds = time.perf_counter() - t0
     fused = fused_suspicion(history, signals, dp.fusion)
-    isolated, score, rule = choose(history, store, params.isolate, fused)
+    feats = features(model, x)[-1] if params.isolate.refine_k and params.isolate.selection == "adaptive" else None
+    isolated, score, rule = choose(history, store, params.isolate, fused, feats)
 
     rank = np.empty(len(store), dtype=np.int64)
     rank[np.lexsort((store.ids, score))] = np.arange(1, len(store) + 1)

@@ -7,7 +7,8 @@ import torch
 
 from stages.config import IsolateParams, Params
 from stages.data import make_store
-from stages.isolate import adaptive_selection, lowest, otsu_split, select_isolated, suspicion_score, train_lga
+from stages.isolate import (adaptive_selection, choose, lowest, otsu_split, refine_by_neighbours, select_isolated,
+                            suspicion_score, train_lga)
 from stages.sources import read_digits
 from stages.train import batches, lga_loss
 from stages.triggers import poison
@@ -106,6 +107,43 @@ def test_a_class_that_stands_out_short_of_a_separated_group_is_weak_evidence():
     assert report["evidence"] == "weak" and max(report["class_separation"], key=report["class_separation"].get) == "1"
     _, strict = adaptive_selection(suspicion_score(np.exp(log_loss)), labels, ids, p.model_copy(update={"weak_margin": 5}))
     assert strict["evidence"] == "none"
+
+
+def clumped_features(rng, labels: np.ndarray, clump: np.ndarray) -> torch.Tensor:
+    """Random directions in 16 dimensions, orthogonal to the first; the `clump` rows near the first (a learned
+    trigger)."""
+    feats = rng.normal(size=(len(labels), 16))
+    feats[:, 0] = 0
+    feats[clump] = 10 * np.eye(16)[0] + rng.normal(scale=0.5, size=(len(clump), 16))
+    return torch.from_numpy(feats).float()
+
+
+def test_refinement_drops_isolated_samples_outside_the_clump_and_adds_clump_members_the_cut_missed():
+    rng = np.random.default_rng(3)
+    labels = np.arange(400) % 4
+    poison = np.flatnonzero(labels == 2)[:40]
+    feats = clumped_features(rng, labels, poison)
+    easy = np.flatnonzero(labels == 2)[60:66]  # clean class-2 samples the cut let through
+    other = np.flatnonzero(labels == 1)[:2]    # a suspect outside the implicated class stays as it is
+    isolated = np.sort(np.concatenate([poison[:37], easy, other]))  # 3 poison missed
+    p = IsolateParams(refine_k=10)
+    refined = refine_by_neighbours(feats, labels, isolated, p)
+    assert refined.tolist() == np.sort(np.concatenate([poison, other])).tolist()
+    assert refine_by_neighbours(feats, labels, isolated, IsolateParams(refine_k=0)).tolist() == isolated.tolist()  # off
+
+
+def test_only_a_separated_group_is_refined():
+    history, labels, ids, backdoor, _ = synthetic_history()
+    feats = clumped_features(np.random.default_rng(4), labels, backdoor[:10])  # half the group off the clump
+    store = make_store(np.zeros((len(labels), 2, 2, 1), np.uint8), labels, ids, [str(c) for c in range(4)])
+    p = IsolateParams(selection="adaptive", refine_k=5)
+    isolated, _, report = choose(history, store, p, feats=feats)
+    assert report["evidence"] == "group" and isolated.tolist() == backdoor[:10].tolist()
+    assert report["refined"] == {"dropped": 10, "added": 0}
+    flat = np.exp(np.random.default_rng(1).normal(-1, 0.5, size=history.shape))  # no group: the fallback share
+    isolated, _, report = choose(flat, store, p, feats=feats)
+    assert report["evidence"] != "group" and "refined" not in report
+    assert isolated.tolist() == choose(flat, store, p.model_copy(update={"refine_k": 0}))[0].tolist()
 
 
 def test_otsu_split_separates_two_clusters():
