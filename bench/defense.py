@@ -393,7 +393,7 @@ def guard_markdown(rows: list[dict], costs: list[dict], meta: dict) -> str:
     lines = ["# Guard benchmark", "", f"Machine: {meta['machine']}.", "",
              "Each detector is calibrated on the calibration split of the test set (`data.calibration_size` of "
              "each class, see the profiles in defense.md) to a false-positive rate of at most `detect.guard_fpr` "
-             "(0.05) with probability `detect.guard_confidence` (0.9), and measured on the rest: FPR on its clean "
+             f"({Params().detect.guard_fpr}) with probability `detect.guard_confidence` ({Params().detect.guard_confidence}), and measured on the rest: FPR on its clean "
              "images, TPR on malicious ones (red-team triggered non-target images, or FGSM / PGD, L-inf eps 8/255, "
              "PGD 10 steps of eps/4, against the released model of a clean training run, poison rate 0). `guard` "
              "is the shipped combination (largest calibrated score of `detect.guard`: each detector at 0 on its "

@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.defense import PROFILES, ROOT, adversarial, detection_rates, guard_split, load_case, machine, train_standard
+from bench.defense import EPS, PROFILES, ROOT, detection_rates, guard_split, load_case, machine, train_standard
+from stages.config import Params
+from stages.detectors import adversarial_examples
 from stages.fileio import write_json, write_text
 from stages.guard import build_guard, calibrated_threshold
 from stages.train import predict_logits, to_tensor
@@ -47,7 +49,7 @@ def measure(model, params, train, x_test: np.ndarray, y_test: np.ndarray, device
     guard, _ = build_guard(only, {"released": model, "isolation": model}, train, train.subset(np.arange(0)),
                            calibration, device)
     x_eval, y_eval = x_all[test_idx], torch.from_numpy(y_test[test_idx]).to(device)
-    x_pgd = adversarial(model, x_eval, y_eval, 10)
+    x_pgd = adversarial_examples(model, x_eval, y_eval, 10, EPS)
     with torch.no_grad():
         cal, clean, pgd = (guard(x)[0].cpu().numpy() for x in (to_tensor(calibration.x, device), x_eval, x_pgd))
     threshold = calibrated_threshold(cal, params.detect.guard_fpr, params.detect.guard_confidence)
@@ -59,7 +61,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = ["# Run-to-run spread", "", f"Machine: {meta['machine']}.", "",
              "The `none` recipe of each profile (bench/results/defense.md) trained on the clean training set, once "
              "per seed. clean_accuracy on the whole test split; pgd_tpr and fpr of `mahalanobis@released` at the "
-             "guard's calibrated threshold (5% FPR, 90% confidence) on bench.defense's calibration split.", "",
+             f"guard's calibrated threshold ({meta['guard_fpr']:.0%} FPR, {meta['guard_confidence']:.0%} confidence) on "
+             "bench.defense's calibration split.", "",
              "| dataset | seed | clean_accuracy | pgd_tpr | fpr | pgd_auroc | seconds |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['dataset']} | {r['seed']} | {r['clean_accuracy']:.3f} | {r['pgd_tpr']:.3f} | {r['fpr']:.3f} | "
               f"{r['pgd_auroc']:.3f} | {r['seconds']} |" for r in rows]
@@ -88,7 +91,9 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"[spread] {r['dataset']} seed {r['seed']}: CA {r['clean_accuracy']:.3f} PGD TPR {r['pgd_tpr']:.3f} "
               f"FPR {r['fpr']:.3f}", file=sys.stderr)
-    meta = {"machine": machine(), "wall_seconds": round(time.perf_counter() - t0, 1), "profile": PROFILES[args.dataset]}
+    detect = Params().detect
+    meta = {"machine": machine(), "wall_seconds": round(time.perf_counter() - t0, 1), "profile": PROFILES[args.dataset],
+            "guard_fpr": detect.guard_fpr, "guard_confidence": detect.guard_confidence}
     write_json(args.out / "spread.json", rows)
     write_text(args.out / "spread.md", markdown(rows, meta))
     print(f"[spread] wrote {args.out / 'spread.md'} ({meta['wall_seconds'] / 60:.1f} min)", file=sys.stderr)

@@ -157,7 +157,7 @@ class DetectParams(Section):
     guard_fpr: float = Field(0.05, gt=0, lt=1, description="false-positive rate the guard's threshold is "
                              "calibrated to, on the clean calibration split")
     guard_confidence: float = Field(
-        0.9, ge=0.5, lt=1, description="the guard's false-positive rate is at most guard_fpr with this probability, "
+        0.95, ge=0.5, lt=1, description="the guard's false-positive rate is at most guard_fpr with this probability, "
         "judged from the clean calibration split (a binomial bound: more calibration images, less margin); 0.5: the "
         "plain 95th percentile, whose FPR on new images exceeds guard_fpr about half the time"
     )

@@ -264,12 +264,13 @@ def run(params: Params) -> None:
     dp = params.detect
     t0 = time.perf_counter()
     x = to_tensor(store.x, device)
+    refine = params.isolate.refine_k and params.isolate.selection == "adaptive"
+    feats = features(model, x) if refine or set(dp.training) - {"strip"} else None  # one pass for all who need them
     signals = {name: v.cpu().numpy() for name, v in training_scores(
-        model, x, torch.from_numpy(store.labels).to(device), dp.training, dp, params.seed).items()}
+        model, x, torch.from_numpy(store.labels).to(device), dp.training, dp, params.seed, feats).items()}
     detect_seconds = time.perf_counter() - t0
     fused = fused_suspicion(history, signals, dp.fusion)
-    feats = features(model, x)[-1] if params.isolate.refine_k and params.isolate.selection == "adaptive" else None
-    isolated, score, rule = choose(history, store, params.isolate, fused, feats)
+    isolated, score, rule = choose(history, store, params.isolate, fused, feats[-1] if refine else None)
 
     rank = np.empty(len(store), dtype=np.int64)
     rank[np.lexsort((store.ids, score))] = np.arange(1, len(store) + 1)

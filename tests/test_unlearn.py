@@ -206,8 +206,12 @@ def test_recheck_flags_a_fragile_group_in_one_label_and_nothing_when_fragility_i
     spread = rng.uniform(0, 0.1, len(labels))
     grouped = spread.copy()
     grouped[:30] += 0.5  # 30 fragile samples, all labelled 0
+    # Penultimate features: each label around its own direction; 20 more samples of label 0, not fragile, sit off it.
+    feats = torch.eye(8)[labels] + 0.05 * torch.from_numpy(rng.normal(size=(len(labels), 8))).float()
+    feats[30:50] = torch.eye(8)[5] + 0.05 * torch.randn(20, 8, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(unlearn_stage, "features", lambda model, x: [feats])
     y = torch.from_numpy(labels)
-    for fragility, expect in [(grouped, np.arange(30)), (spread, np.empty(0))]:
+    for fragility, expect in [(grouped, np.arange(50)), (spread, np.empty(0))]:
         monkeypatch.setattr(unlearn_stage, "noise_fragility", lambda *a, f=fragility: torch.from_numpy(f))
         flagged, report = unlearn_stage.recheck(None, params, torch.zeros(len(y)), y)
         assert np.array_equal(flagged, expect), report
