@@ -214,8 +214,9 @@ class UnlearnParams(Section):
     recheck: bool = Field(
         True, description="after a fresh start (isolation found no evidence), look again with the trained model: "
         "the isolate.ratio share of the clean set most fragile under Gaussian noise (detectors.noise_fragility); "
-        "when recheck_share of them carry one label, that label's samples past Kittler's cut of fragility are "
-        "taken out of training and unlearned (a warping trigger, which the isolation model does not learn early). "
+        "when recheck_share of them carry one label, that label's samples past Kittler's cut of fragility, or of the "
+        "distance to the label's mean penultimate feature (detectors.centroid_distance), are taken out of training "
+        "and unlearned (a warping trigger, which the isolation model does not learn early). "
         "CIFAR-10 subset (bench rows abl+adaptive, fused): WaNet 10% ASR 0.70 -> 0.02, 0.08; WaNet 5% 0.32 -> 0.06, 0.12. "
         "false: the restarted model is released as trained"
     )
