@@ -217,7 +217,7 @@ class UnlearnParams(Section):
         "when recheck_share of them carry one label, that label's samples past Kittler's cut of fragility, or of the "
         "distance to the label's mean penultimate feature (detectors.centroid_distance), are taken out of training "
         "and unlearned (a warping trigger, which the isolation model does not learn early). "
-        "CIFAR-10 subset (bench rows abl+adaptive, fused): WaNet 10% ASR 0.70 -> 0.02, 0.08; WaNet 5% 0.32 -> 0.06, 0.12. "
+        "CIFAR-10 subset (bench rows abl+adaptive, fused): WaNet 10% ASR 0.71 -> 0.01, 0.10; WaNet 5% 0.27 -> 0.15, 0.12. "
         "false: the restarted model is released as trained"
     )
     recheck_sigma: float = Field(0.02, gt=0, le=1, description="recheck: standard deviation of the noise, in [0, 1] "

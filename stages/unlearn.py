@@ -231,7 +231,7 @@ def recheck(model, params: Params, x: torch.Tensor, y: torch.Tensor) -> tuple[np
     (`noise_fragility`). Like isolation's class concentration: the `isolate.ratio` most fragile samples
     implicate a label when `recheck_share` of them carry it; that label's samples past Kittler's cut of
     fragility, or of the distance to the label's mean feature (`centroid_distance`), are flagged (CIFAR-10
-    subset, WaNet 10%: 417-545 flagged, precision 0.66-0.70, recall 0.68-0.82)."""
+    subset, WaNet 10%: 459-490 flagged, precision 0.68-0.72, recall 0.72-0.82)."""
     up = params.unlearn
     fragility = noise_fragility(model, x, y, up.recheck_sigma, RECHECK_DRAWS, params.seed).cpu().numpy()
     labels = y.cpu().numpy()
