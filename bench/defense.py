@@ -204,14 +204,13 @@ def run_task(task: tuple) -> tuple[list[dict], list[dict], dict | None]:
         isolated, _, report = choose(history, train, p.isolate, fused, penultimate)
         kept = np.setdiff1d(np.arange(len(train)), isolated)
         key = sanitize_key(p, isolated, report["evidence"])
-        fresh = key not in sanitized
+        model, fresh = copy.deepcopy(lga_model), key not in sanitized
         if fresh:
-            t2, model = time.perf_counter(), copy.deepcopy(lga_model)
+            t2 = time.perf_counter()
             _, unlearned = sanitize(model, p, train.subset(kept), train.subset(isolated), device,
                                     evidence=report["evidence"])
             sanitized[key] = (copy.deepcopy(model.state_dict()), unlearned, time.perf_counter() - t2)
         else:
-            model = copy.deepcopy(lga_model)
             model.load_state_dict(sanitized[key][0])
         _, unlearned, sanitize_seconds = sanitized[key]
         # The suspects: isolated, and those unlearn's recheck flagged in the clean set (as the pipeline's guard sees them).

@@ -21,3 +21,23 @@ def test_spread_measures_a_trained_digits_model_against_pgd():
     text = spread.markdown([{"dataset": "digits", "seed": 0, **row, "seconds": 1.0}],
                            {"machine": "test", "guard_fpr": 0.05, "guard_confidence": Params().detect.guard_confidence})
     assert f"{Params().detect.guard_confidence:.0%} confidence" in text
+
+
+def test_variants_share_a_sanitize_run_only_where_sanitize_reads_the_same():
+    import numpy as np
+
+    from bench.defense import DEFENSES, profile_params, sanitize_key
+
+    isolated = np.array([3, 5, 8])
+    adaptive, fused, resample = (profile_params("cifar10", "wanet", 0.1, DEFENSES[name])
+                                 for name in ("abl+adaptive", "fused", "fused+resample"))
+    # The ranking (detect.fusion) differs; with the same samples isolated, sanitize runs the same.
+    assert sanitize_key(adaptive, isolated, "group") == sanitize_key(fused, isolated, "group")
+    # Sub-pixel resampling only trains a restarted model: it matters after no evidence, not after a group.
+    assert sanitize_key(fused, isolated, "group") == sanitize_key(resample, isolated, "group")
+    assert sanitize_key(fused, isolated, "none") != sanitize_key(resample, isolated, "none")
+    # Other samples, other evidence or other unlearning settings: a run of its own.
+    assert sanitize_key(fused, isolated, "group") != sanitize_key(fused, np.array([3, 5, 9]), "group")
+    assert sanitize_key(fused, isolated, "group") != sanitize_key(fused, isolated, "weak")
+    plain = profile_params("cifar10", "wanet", 0.1, DEFENSES["abl"])
+    assert sanitize_key(plain, isolated, None) != sanitize_key(fused, isolated, None)  # ascent against joint
