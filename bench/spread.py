@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.defense import EPS, PROFILES, ROOT, detection_rates, guard_split, load_case, machine, train_standard
+from bench.defense import EPS, PGD_STEPS, PROFILES, ROOT, detection_rates, guard_split, load_case, machine, train_standard
 from stages.config import Params
 from stages.detectors import adversarial_examples
 from stages.fileio import write_json, write_text
@@ -49,7 +49,7 @@ def measure(model, params, train, x_test: np.ndarray, y_test: np.ndarray, device
     guard, _ = build_guard(only, {"released": model, "isolation": model}, train, train.subset(np.arange(0)),
                            calibration, device)
     x_eval, y_eval = x_all[test_idx], torch.from_numpy(y_test[test_idx]).to(device)
-    x_pgd = adversarial_examples(model, x_eval, y_eval, 10, EPS)
+    x_pgd = adversarial_examples(model, x_eval, y_eval, PGD_STEPS["pgd"], EPS)
     with torch.no_grad():
         cal, clean, pgd = (guard(x)[0].cpu().numpy() for x in (to_tensor(calibration.x, device), x_eval, x_pgd))
     threshold = calibrated_threshold(cal, params.detect.guard_fpr, params.detect.guard_confidence)

@@ -41,3 +41,27 @@ def test_variants_share_a_sanitize_run_only_where_sanitize_reads_the_same():
     assert sanitize_key(fused, isolated, "group") != sanitize_key(fused, isolated, "weak")
     plain = profile_params("cifar10", "wanet", 0.1, DEFENSES["abl"])
     assert sanitize_key(plain, isolated, None) != sanitize_key(fused, isolated, None)  # ascent against joint
+
+
+def test_resplits_recalibrate_the_guard_on_other_splits_of_the_test_set():
+    import numpy as np
+
+    from bench.defense import resplit_rates
+
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.randn(1000, 2, generator=gen, dtype=torch.float64)
+    y = np.arange(1000) % 10
+    params = Params.model_validate({"data": {"calibration_size": 0.5}})
+    made_from = np.arange(1000)
+    # Malicious images scoring as their clean originals: flagged exactly as often as clean evaluation images, which
+    # holds only if each split counts the ones made from its own evaluation part.
+    same = resplit_rates(clean, {"copy": (clean.clone(), made_from), "far": (clean + 10, made_from)}, y, params,
+                         [0.5, 0.5], range(1, 21))
+    assert same["splits"] == 20
+    assert same["tpr_mean"]["copy"] == same["fpr_mean"] and same["tpr_mean"]["far"] == 1.0
+    assert 0.01 < same["fpr_mean"] < params.detect.guard_fpr  # the bound holds on average, with its margin
+    # Each column on any positive affine scale: the calibration undoes it.
+    rescaled = clean * torch.tensor([3.0, 0.5], dtype=torch.float64) + torch.tensor([1.0, -7.0], dtype=torch.float64)
+    again = resplit_rates(rescaled, {"copy": (rescaled.clone(), made_from), "far": (rescaled + 50, made_from)}, y,
+                          params, [0.5, 0.5], range(1, 21))
+    assert again["fpr_mean"] == same["fpr_mean"] and again["fpr_p95"] == same["fpr_p95"]
