@@ -84,7 +84,8 @@ DEFENSES = {
     "fused": {"isolate": {"selection": "adaptive"}, "unlearn": {"mode": "joint"}},
     "fused+resample": {"isolate": {"selection": "adaptive"}, "unlearn": {"mode": "joint", "restart_resample": 0.5}},
 }
-DETECTORS = ["strip", "mahalanobis", "spectral", "knn_density"]  # each alone: rows "detector:<name>" (isolation only)
+# Each alone: rows "detector:<name>" (isolation only).
+DETECTORS = ["strip", "mahalanobis", "spectral", "knn_density", "input_spectral"]
 # Guard rows for comparison, not shipped by default.
 GUARD_ALTERNATIVES = ["disagreement@isolation", "quarantine_knn@isolation", "quarantine_probe@isolation",
                       "mahalanobis@released", "mahalanobis@isolation", "knn@isolation", "knn@released", "mismatch@released"]

@@ -114,7 +114,7 @@ class IsolateParams(Section):
                               "when at least this share of its neighbours is")
 
 
-TrainingDetector = Literal["strip", "mahalanobis", "spectral", "knn_density"]
+TrainingDetector = Literal["strip", "mahalanobis", "spectral", "knn_density", "input_spectral"]
 GuardDetector = Literal["quarantine_knn@isolation", "quarantine_knn@released", "knn@isolation", "knn@released",
                         "mahalanobis@isolation", "mahalanobis@released", "mismatch@isolation", "mismatch@released",
                         "disagreement@isolation", "probe@released", "quarantine_probe@released",
@@ -126,7 +126,8 @@ class DetectParams(Section):
     training: list[TrainingDetector] = Field(
         ["strip", "mahalanobis", "knn_density"], description="detectors scored on the training set with the "
         "isolation model, written to scores.csv and shown on the review page: strip (model sensitivity), "
-        "mahalanobis (activation space), spectral and knn_density (feature space)"
+        "mahalanobis (activation space), spectral and knn_density (feature space); input_spectral (whitened pixels, "
+        "no model: also unlearn.recheck's third signal)"
     )
     fusion: list[TrainingDetector] = Field(
         ["strip", "knn_density"], description="detectors fused with the ABL loss to rank samples (the mean of "
@@ -134,6 +135,11 @@ class DetectParams(Section):
     )
     strip_blends: int = Field(4, ge=1, le=64, description="strip: clean images superimposed on each input")
     strip_alpha: float = Field(0.5, gt=0, lt=1, description="strip: weight of the superimposed clean image")
+    whiten_ridge: float = Field(
+        3e-4, gt=0, le=1, description="input_spectral: floor added to each eigenvalue of the pixel covariance, as a "
+        "share of the largest. CIFAR-10 subset, 1% poison, share of the 51 highest scores in the target label: 3e-4: "
+        "0.76 (SIG), 0.94 (BadNets, blend), at most 0.31 in a clean label; 1e-3: 0.78, 0.94-0.96, 0.41"
+    )
     density_k: int = Field(20, ge=1, le=1000, description="knn_density: neighbour whose distance (within the "
                            "label) is the score")
     mahalanobis_stages: Literal["last", "all"] = Field(
@@ -237,6 +243,11 @@ class UnlearnParams(Section):
         0.4, gt=0, le=1, description="recheck: share of the samples farthest from their label's mean penultimate "
         "feature that one label must hold to implicate it (CIFAR-10 subset, restarted model: 0.20 on clean data, 0.18 "
         "for SIG 1%, 0.42 for BadNets 1%, 0.58 for Blend 1%)"
+    )
+    recheck_input_share: float = Field(
+        0.6, gt=0, le=1, description="recheck: share of the samples highest in detectors.input_spectral (whitened "
+        "pixels; at least 50) that one label must hold to implicate it (CIFAR-10 subset: 0.76 for SIG 1%, 0.94 for "
+        "BadNets and blend 1%, at most 0.31 in a clean label)"
     )
     mode: Literal["joint", "ascent"] = Field(
         "joint", description="ascent: plain ABL, gradient ascent -CE on the quarantined set alone; joint: each clean "

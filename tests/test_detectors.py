@@ -10,8 +10,8 @@ import torch
 
 from conftest import set_params, stage_cli
 from stages.config import Params
-from stages.detectors import (auroc, fit_gaussians, kth_distance, knn_density, mahalanobis, mismatch, spectral,
-                              strip)
+from stages.detectors import (auroc, fit_gaussians, input_spectral, kth_distance, knn_density, mahalanobis, mismatch,
+                              spectral, strip)
 from stages.errors import SanitizeError
 from stages.guard import (DisagreementHead, QuarantineKnnHead, build_guard, calibrated_threshold, detector_scales,
                           fpr_shares)
@@ -93,6 +93,28 @@ def test_feature_and_activation_detectors_rank_the_planted_outliers_first():
     g = fit_gaussians([feats[~truth]], labels[~truth], 1)
     m = mahalanobis([feats], g)
     assert auroc(m[truth], m[~truth]) > 0.95
+
+
+@pytest.mark.parametrize("attack", ["sig", "blend", "badnets"])
+def test_input_spectral_finds_a_trigger_added_to_a_few_real_digits_of_one_label_without_a_model(attack):
+    from sklearn.datasets import load_digits
+
+    from stages.config import RedteamParams
+    from stages.train import to_tensor
+    from stages.triggers import apply_trigger
+
+    digits = load_digits()
+    x = np.rint(digits.images * (255 / 16)).astype(np.uint8)[..., None]
+    labels = digits.target.copy()
+    stamped = np.flatnonzero(labels == 3)[:18]  # 1% of the set, a tenth of the label
+    x[stamped] = apply_trigger(x[stamped], attack, RedteamParams())
+    score = input_spectral(to_tensor(x, torch.device("cpu")), torch.from_numpy(labels), ridge=3e-4)
+    truth = np.zeros(len(labels), dtype=bool)
+    truth[stamped] = True
+    in_label = labels == 3
+    assert auroc(score[truth], score[in_label & ~truth]) > 0.95
+    top = np.argsort(-score.numpy())[:36]  # twice the poison, across every label: mostly the stamped digits
+    assert truth[top].sum() >= 12, (attack, truth[top].sum())  # SIG: 14 of 18; by chance 0.4
 
 
 def test_mismatch_flags_activations_of_one_class_predicted_as_another():

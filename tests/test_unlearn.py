@@ -201,7 +201,7 @@ def test_noise_fragility_ranks_samples_held_by_a_fine_trigger_first():
     assert torch.equal(fragility, noise_fragility(model, x, y, sigma=0.02, draws=16, seed=0))  # seeded
 
 
-def test_recheck_implicates_a_label_by_fragility_or_by_distance_to_its_mean_feature_and_nothing_when_both_spread(
+def test_recheck_implicates_a_label_by_whitened_pixels_fragility_or_distance_to_its_mean_feature_and_nothing_when_all_spread(
         monkeypatch):
     params = Params.model_validate({"isolate": {"ratio": 0.05}})
     labels = np.repeat(np.arange(4), 100)
@@ -214,21 +214,29 @@ def test_recheck_implicates_a_label_by_fragility_or_by_distance_to_its_mean_feat
     tight = torch.eye(8)[labels] + 0.05 * torch.from_numpy(rng.normal(size=(len(labels), 8))).float()
     off = tight.clone()
     off[30:50] = torch.eye(8)[5] + 0.05 * torch.randn(20, 8, generator=torch.Generator().manual_seed(0))
+    # Images: noise; in `stamped`, 40 more samples of label 0 carry one added pattern (a trigger in pixels).
+    noise = torch.rand(len(labels), 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    stamped = noise.clone()
+    stamped[50:90, 0, 0, :] += 2.0
     y = torch.from_numpy(labels)
-    for fragility, feats, by in [(grouped, off, "fragility"), (spread, off, "centroid_distance"), (spread, tight, None)]:
+    cases = [(noise, grouped, off, "fragility"), (noise, spread, off, "centroid_distance"),
+             (stamped, spread, tight, "input_spectral"), (noise, spread, tight, None)]
+    for images, fragility, feats, by in cases:
         monkeypatch.setattr(unlearn_stage, "noise_fragility", lambda *a, f=fragility: torch.from_numpy(f))
         monkeypatch.setattr(unlearn_stage, "features", lambda model, x, f=feats: [f])
-        flagged, report = unlearn_stage.recheck(None, params, torch.zeros(len(y)), y)
+        flagged, report = unlearn_stage.recheck(None, params, images, y)
         assert report["implicated_by"] == by, report
         if by == "fragility":
             assert np.array_equal(flagged, np.arange(50)), report  # the fragile group and the far one, both in label 0
         elif by:
-            assert report["label"] == 0 and np.isin(np.arange(30, 50), flagged).all(), report
-            assert np.isin(flagged, np.arange(100)).all()  # only label 0's samples
+            group = np.arange(30, 50) if by == "centroid_distance" else np.arange(50, 90)
+            assert report["label"] == 0 and np.isin(group, flagged).all(), report
+            assert np.isin(flagged, np.arange(100)).all() and len(flagged) <= len(group) + 5  # label 0's, few others
         else:
             assert not len(flagged) and report["label"] is None
     assert report["fragility_share"] < params.unlearn.recheck_share
     assert report["centroid_distance_share"] < params.unlearn.recheck_centroid_share
+    assert report["input_spectral_share"] < params.unlearn.recheck_input_share
 
 
 def test_what_the_recheck_flags_after_a_restart_leaves_training_and_is_unlearned(monkeypatch):
@@ -249,6 +257,26 @@ def test_what_the_recheck_flags_after_a_restart_leaves_training_and_is_unlearned
     for evidence in ("group", "weak", None):  # isolation found something: no second look
         _, report = released_weights(1, evidence=evidence)
     assert looks == [len(clean)] and "recheck" not in report
+
+
+def test_when_unlearning_the_flagged_is_rolled_back_the_model_trains_again_without_them(monkeypatch):
+    flagged = np.arange(0, 60, 3)
+    monkeypatch.setattr(unlearn_stage, "recheck", lambda model, params, x, y: (
+        flagged, {"label": 0, "implicated_by": "input_spectral", "n_flagged": len(flagged)}))
+    seen = []
+
+    def unlearn(model, params, xq, *args, **kwargs):  # every try cost clean accuracy: rolled back, link unbroken
+        seen.append(len(xq))
+        return {"unlearn_epochs_run": 0, "rolled_back": True, "suspects_obeyed": 1.0}
+
+    monkeypatch.setattr(unlearn_stage, "unlearn", unlearn)
+    params = Params.model_validate({"device": "cpu", "isolate": {"epochs": 1}, "unlearn": {"finetune_epochs": 1}})
+    model, clean, quarantined = digits_model_and_sets(1)
+    curve, report = unlearn_stage.sanitize(model, params, clean, quarantined, torch.device("cpu"), evidence="none")
+    assert seen == [len(flagged)] and report["retrained"] and report["n_unlearned"] == len(flagged)
+    assert report["n_finetune"] == len(clean) - len(flagged) and report["n_holdout"] == 0
+    assert report["holdout_accuracy"] is None
+    assert [c["phase"] for c in curve] == ["finetune"] * 2 + ["repair"] + ["retrain"] * 2  # the restart's budget again
 
 
 def test_the_guard_learns_from_the_recheck_flags_as_from_the_quarantine():
