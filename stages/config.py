@@ -212,26 +212,28 @@ class UnlearnParams(Section):
     restart_resample: float = Field(
         0.0, ge=0, le=4, description="a restarted model trains on images translated by a random offset of up to this "
         "many pixels, bilinearly, so every image carries interpolation blur and a warping trigger's (WaNet) no longer "
-        "stands out; a blended pattern's fine noise fades too. CIFAR-10 subset, ASR with 0.5 against 0: WaNet 10% "
-        "0.134 (0.697), WaNet 5% 0.079 (0.279), Blend 1% 0.120 (0.641), but clean accuracy 0.5-3.5 points lower "
-        "wherever the model restarts, clean data included (bench row fused+resample). 0: off. Never when "
+        "stands out; a blended pattern's fine noise fades too. With the recheck on it no longer helps: CIFAR-10 "
+        "subset, ASR with 0.5 against 0: within 0.008 at 1% poison, WaNet 5% 0.043 (0.025), WaNet 10% 0.178 (0.009), "
+        "clean accuracy 0.4-3.1 points lower wherever the model restarts (bench row fused+resample). 0: off. Never when "
         "fine-tuning the isolation model, which already learned the trigger (BadNets 10%: ASR 0.043 -> 0.055)"
     )
     recheck: bool = Field(
-        True, description="after a fresh start (isolation found no evidence), look again with the trained model: "
-        "the isolate.ratio share of the clean set most fragile under Gaussian noise (detectors.noise_fragility) and "
-        "the share farthest from their label's mean penultimate feature (detectors.centroid_distance); when "
-        "recheck_share of the first or recheck_centroid_share of the second carry one label, that label's samples past "
-        "Kittler's cut of either signal are taken out of training and unlearned (a warping trigger, which the "
-        "isolation model does not learn early; a trigger too rare for isolation to see). "
-        "CIFAR-10 subset (bench rows abl+adaptive, fused): WaNet 10% ASR 0.71 -> 0.01, 0.10; WaNet 5% 0.27 -> 0.15, 0.12. "
-        "false: the restarted model is released as trained"
+        True, description="after a fresh start (isolation found no evidence), look again: the share of the clean "
+        "set farthest out in whitened pixels (detectors.input_spectral), the isolate.ratio share most fragile under "
+        "Gaussian noise with the trained model (detectors.noise_fragility) and the share farthest from their label's "
+        "mean penultimate feature (detectors.centroid_distance); when recheck_input_share, recheck_share or "
+        "recheck_centroid_share of one carry one label, that label's samples past Kittler's cut are taken out of "
+        "training and unlearned, or, when unlearning is rolled back, the model trains again without them (a trigger "
+        "too rare for isolation to see; a warping trigger, which the isolation model does not learn early). CIFAR-10 "
+        "subset, bench row fused, ASR undefended -> defended: BadNets 1% 0.067 -> 0.036, blend 1% 0.751 -> 0.011, SIG "
+        "1% 0.171 -> 0.000, WaNet 5% 0.253 -> 0.025, WaNet 10% 0.720 -> 0.009. false: the restarted model is released "
+        "as trained"
     )
     recheck_sigma: float = Field(0.02, gt=0, le=1, description="recheck: standard deviation of the noise, in [0, 1] "
                                  "pixels")
     recheck_share: float = Field(
         0.75, gt=0, le=1, description="recheck: share of the most fragile samples one label must hold to implicate "
-        "it (CIFAR-10 subset: at most 0.53 on clean data and for the 1% attacks, 0.86 and 1.00 for WaNet 5% and 10%)"
+        "it (CIFAR-10 subset: at most 0.70 in the other cases, 0.84-0.92 for WaNet 5%, 1.00 for WaNet 10%)"
     )
     recheck_loss: bool = Field(
         True, description="when fragility implicated a label and its flagged samples were unlearned, the label's "
@@ -242,7 +244,7 @@ class UnlearnParams(Section):
     recheck_centroid_share: float = Field(
         0.4, gt=0, le=1, description="recheck: share of the samples farthest from their label's mean penultimate "
         "feature that one label must hold to implicate it (CIFAR-10 subset, restarted model: 0.20 on clean data, 0.18 "
-        "for SIG 1%, 0.42 for BadNets 1%, 0.58 for Blend 1%)"
+        "for SIG 1%, 0.42-0.46 for BadNets 1%, 0.22-0.58 for blend 1% from one machine to another)"
     )
     recheck_input_share: float = Field(
         0.6, gt=0, le=1, description="recheck: share of the samples highest in detectors.input_spectral (whitened "
