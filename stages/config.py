@@ -127,7 +127,7 @@ class DetectParams(Section):
         ["strip", "mahalanobis", "knn_density"], description="detectors scored on the training set with the "
         "isolation model, written to scores.csv and shown on the review page: strip (model sensitivity), "
         "mahalanobis (activation space), spectral and knn_density (feature space); input_spectral (whitened pixels, "
-        "no model: also unlearn.recheck's third signal)"
+        "no model: also unlearn.recheck's first signal)"
     )
     fusion: list[TrainingDetector] = Field(
         ["strip", "knn_density"], description="detectors fused with the ABL loss to rank samples (the mean of "
@@ -138,7 +138,8 @@ class DetectParams(Section):
     whiten_ridge: float = Field(
         3e-4, gt=0, le=1, description="input_spectral: floor added to each eigenvalue of the pixel covariance, as a "
         "share of the largest. CIFAR-10 subset, 1% poison, share of the 51 highest scores in the target label: 3e-4: "
-        "0.76 (SIG), 0.94 (BadNets, blend), at most 0.31 in a clean label; 1e-3: 0.78, 0.94-0.96, 0.41"
+        "0.76 (SIG), 0.94 (BadNets, blend), at most 0.31 in a clean label; 1e-3: 0.78, 0.94-0.96, 0.41 (one run's "
+        "poisoned sets, before training)"
     )
     density_k: int = Field(20, ge=1, le=1000, description="knn_density: neighbour whose distance (within the "
                            "label) is the score")
@@ -248,8 +249,8 @@ class UnlearnParams(Section):
     )
     recheck_input_share: float = Field(
         0.6, gt=0, le=1, description="recheck: share of the samples highest in detectors.input_spectral (whitened "
-        "pixels; at least 50) that one label must hold to implicate it (CIFAR-10 subset: 0.76 for SIG 1%, 0.94 for "
-        "BadNets and blend 1%, at most 0.31 in a clean label)"
+        "pixels; at least 50) that one label must hold to implicate it (benchmark, after isolation: CIFAR-10 subset, "
+        "0.74-0.76 for SIG 1%, 0.94-0.98 for BadNets and blend 1%, at most 0.34 elsewhere; digits at most 0.44)"
     )
     mode: Literal["joint", "ascent"] = Field(
         "joint", description="ascent: plain ABL, gradient ascent -CE on the quarantined set alone; joint: each clean "

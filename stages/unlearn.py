@@ -295,8 +295,8 @@ def recheck(model, params: Params, x: torch.Tensor, y: torch.Tensor) -> tuple[np
     implicates a label when enough of it carries one, as isolation's class concentration does, tried in this order:
     - a trigger that adds one pattern to every poisoned image (a patch, a blend, SIG's sinusoid) stands out in
       whitened pixels whether or not a model learned it: the highest in `input_spectral`, `recheck_input_share` of them
-      (CIFAR-10 subset at 1%: 0.94 for BadNets and blend, 0.76 for SIG, whose clean-label poison the other two
-      signals miss; at most 0.31 in a clean label);
+      (CIFAR-10 subset at 1%: 0.94-0.98 for BadNets and blend, 0.74-0.76 for SIG, whose clean-label poison the other
+      two signals miss; at most 0.34 elsewhere, 0.44 on digits);
     - a warping trigger (WaNet) is learned slowly, so ABL's low-loss signature never shows, but the trained model maps
       its samples to the target through a fine resampling pattern that slight noise masks: the most fragile samples
       (`noise_fragility`), `recheck_share` of them;
