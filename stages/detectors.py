@@ -219,15 +219,21 @@ def spectral(feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     backdoor's samples share one feature the clean samples of their label lack, and that direction
     dominates the class's covariance."""
     out = torch.zeros(len(feats), device=feats.device)
+    for rows, proj in top_projections(feats, labels, min_rows=2):
+        squared = proj ** 2
+        out[rows] = (squared / squared.median().clamp_min(1e-12)).float()
+    return out
+
+
+def top_projections(feats: torch.Tensor, labels: torch.Tensor, min_rows: int):
+    """Per label with at least `min_rows` samples: (its rows, the projection of its centred rows, in float64, on
+    their top right singular vector), the direction spectral signatures read."""
     for c in labels.unique():
         rows = labels == c
-        centred = feats[rows].double() - feats[rows].double().mean(0)
-        if len(centred) < 2:
+        if int(rows.sum()) < min_rows:
             continue
-        top = torch.linalg.svd(centred, full_matrices=False).Vh[0]
-        proj = (centred @ top) ** 2
-        out[rows] = (proj / proj.median().clamp_min(1e-12)).float()
-    return out
+        centred = feats[rows].double() - feats[rows].double().mean(0)
+        yield rows, centred @ torch.linalg.svd(centred, full_matrices=False).Vh[0]
 
 
 WHITEN_SIDE = 32  # larger images are average-pooled to at most this side: the pixel covariance is (C * side^2)^2
@@ -254,14 +260,8 @@ def input_spectral(x: torch.Tensor, labels: torch.Tensor, ridge: float) -> torch
     the top singular vector finds. Needs no model: it sees a trigger before any model learned it (CIFAR-10 subset, 1%
     poison, in the target label, the 51 highest: all poison for BadNets and blend, 0.76 for SIG; WaNet's warp is no
     additive pattern and is not seen)."""
-    z = whitened_pixels(x, ridge)
     out = torch.zeros(len(x), dtype=torch.float64, device=x.device)
-    for c in labels.unique():
-        rows = labels == c
-        if int(rows.sum()) < 3:
-            continue
-        centred = z[rows] - z[rows].mean(0)
-        proj = centred @ torch.linalg.svd(centred, full_matrices=False).Vh[0]
+    for rows, proj in top_projections(whitened_pixels(x, ridge), labels, min_rows=3):
         score = robust_z(proj)
         out[rows] = score if score.max() >= -score.min() else -score
     return out.float()

@@ -225,15 +225,15 @@ def second_look(model, params: Params, x: torch.Tensor, y: torch.Tensor, gen, cu
     # held-out accuracy is watched for collapse (digits, a clean label 9 implicated: clean accuracy 0.992 -> 0.906).
     watch_class = found["implicated_by"] in ("centroid_distance", "input_spectral")
 
-    def split_rest() -> tuple[np.ndarray, np.ndarray]:
+    def split_rest() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         # The flagged samples leave training from here on; the accuracy check watches a share of the rest, which the
-        # restarted model trained on (a drop there is forgetting all the same).
+        # restarted model trained on (a drop there is forgetting all the same). (the rest, its fit and held-out shares)
         keep = np.setdiff1d(np.arange(len(y)), flagged)
         keep_fit, keep_val = holdout_split(len(keep), params.unlearn.holdout, params.seed)
-        return keep[keep_fit], keep[keep_val]
+        return keep, keep[keep_fit], keep[keep_val]
 
     def unlearn_flagged() -> tuple[np.ndarray, dict]:
-        fit, val = split_rest()
+        _, fit, val = split_rest()
         return val, unlearn_and_repair(model, params, x[flagged], y[flagged], x[fit], y[fit], x[val], y[val], gen,
                                        curve, watch, "group", watch_class)
 
@@ -245,8 +245,7 @@ def second_look(model, params: Params, x: torch.Tensor, y: torch.Tensor, gen, cu
             # Unlearning could not break the link without costing clean accuracy: train again from fresh weights
             # without the flagged samples, as the oracle does, for the restart's budget (CIFAR-10 subset, blend 1%:
             # the 51 flagged were all the poison, and every unlearning try cost 0.061-0.066 of held-out accuracy).
-            keep = np.setdiff1d(np.arange(len(y)), flagged)
-            _, shown = split_rest()  # the curve's accuracy, on a share of what the model trains on
+            keep, _, shown = split_rest()  # the curve's accuracy is shown on a share of what the model trains on
             reinitialise(model)
             finetune(model, params, x[keep], y[keep], x[shown], y[shown], gen, curve, watch,
                      params.isolate.epochs + params.unlearn.finetune_epochs, phase="retrain",
