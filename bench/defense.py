@@ -309,7 +309,7 @@ def guard_benchmark(params: Params, case: tuple, released, isolation, clean: Sto
     # The shipped guard, and each detector alone, the shipped ones and the unshipped alternatives, calibrated the
     # same way: every head fitted once.
     entries = [*params.detect.guard, *(e for e in GUARD_ALTERNATIVES if e not in params.detect.guard)]
-    wide = params.model_copy(update={"detect": params.detect.model_copy(update={"guard": entries})})
+    wide = params.model_copy(update={"detect": params.detect.model_copy(update={"guard": entries, "guard_shares": None})})
     heads = fit_heads(wide, models, clean, quarantined, device)
     guard, _ = calibrate_guard(params, models, heads, calibration, device)
     each, each_report = calibrate_guard(wide, models, heads, calibration, device)
@@ -363,7 +363,8 @@ def guard_benchmark(params: Params, case: tuple, released, isolation, clean: Sto
         clean_scores[test_idx] = guard.detector_scores(x_eval).double().cpu()
         bad = {name: (torch.cat([guard.detector_scores(xm), guard.detector_scores(cal_malicious[name][0])]).double().cpu(),
                       np.concatenate([made_from, cal_malicious[name][1]])) for name, xm in malicious.items()}
-        shares = fpr_shares([e for e in params.detect.guard if e in heads], params.detect.guard_released_share)
+        shares = fpr_shares([e for e in params.detect.guard if e in heads], params.detect.guard_released_share,
+                            params.detect.guard_shares)
         resplit = resplit_rates(clean_scores, bad, y_test, params, shares,
                                 range(params.seed + 1, params.seed + 1 + RESPLITS))
     model_seconds, guard_seconds = onnx_costs(released, guard, clean.image_shape, x_eval.cpu().numpy(), params.export.opset)

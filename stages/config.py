@@ -118,7 +118,7 @@ TrainingDetector = Literal["strip", "mahalanobis", "spectral", "knn_density", "i
 GuardDetector = Literal["quarantine_knn@isolation", "quarantine_knn@released", "knn@isolation", "knn@released",
                         "mahalanobis@isolation", "mahalanobis@released", "mismatch@isolation", "mismatch@released",
                         "disagreement@isolation", "probe@released", "quarantine_probe@released",
-                        "quarantine_probe@isolation"]
+                        "quarantine_probe@isolation", "quarantine_net@input"]
 
 
 class DetectParams(Section):
@@ -148,13 +148,15 @@ class DetectParams(Section):
         "summed). Measured (CIFAR-10 subset, PGD eps 8/255 on the released model, TPR at 5% FPR): last 0.75, all 0.42"
     )
     guard: list[GuardDetector] = Field(
-        ["quarantine_probe@released", "probe@released"], min_length=1,
+        ["quarantine_net@input", "quarantine_probe@released", "probe@released"], min_length=1,
         description="detectors of the inference guard (models/guard.onnx), each on the released model or on the "
         "isolation checkpoint (which learned the trigger on purpose); the guard's score is the largest of their "
-        "calibrated scores. quarantine_probe: a logistic regression on the model's block statistics, clean training "
-        "images against the quarantined suspects (triggered inputs); probe: the same on FGSM and PGD examples of "
-        "clean training images (adversarial inputs). Both on the released model: the guard runs one backbone, at "
-        "1.18-1.27 times the model's own cost in onnxruntime (CIFAR-10 subset). Unshipped alternatives "
+        "calibrated scores. quarantine_net (on the input): a small CNN of its own (detect.net_width), trained on the "
+        "pixels to tell the quarantined suspects from clean training images: it learns a trigger the released model "
+        "no longer represents (WaNet's warp); quarantine_probe: a logistic regression on the model's block "
+        "statistics, clean training images against the quarantined suspects (triggered inputs); probe: the same on "
+        "FGSM and PGD examples of clean training images (adversarial inputs). The probes read the released model: "
+        "the guard runs its backbone and the net's (see bench/results/guard.md for the cost). Unshipped alternatives "
         "(bench/results/guard.md): knn: distance to clean training features; quarantine_knn: that distance minus "
         "the distance to the quarantined suspects' features; disagreement: how much more the isolation checkpoint "
         "than the released model believes the implicated label (these and quarantine_probe are left out when the "
@@ -172,6 +174,16 @@ class DetectParams(Section):
         0.7, ge=0, le=1, description="share of guard_fpr by which the released model's detectors are scaled "
         "(adversarial examples lie just past its clean tail); the isolation checkpoint's split the rest (a learned "
         "trigger lies far out). Scales only: the threshold's bound holds for any share (stages/guard.py:fpr_shares)"
+    )
+    guard_shares: Optional[dict[GuardDetector, Annotated[float, Field(gt=0)]]] = Field(
+        {"quarantine_net@input": 0.55, "quarantine_probe@released": 0.1, "probe@released": 0.35},
+        description="each detector of guard by name: its weight in guard_fpr's split, for its scale (normalised "
+        "over the detectors the guard keeps); null: guard_released_share's split. Must name every detector of guard; "
+        "a guard list given without it takes null. "
+        "The default, between two measured points, trades adversarial inputs for WaNet's: CIFAR-10 subset, one run's "
+        "models, guard TPR at FPR <= 5% (weights of net, quarantine_probe, probe): 0.55/0.15/0.3: WaNet 10% 0.84, PGD "
+        "0.82; 0.5/0.1/0.4: 0.80, 0.87; 0.45/0.15/0.4: 0.76, 0.87; the net alone: WaNet 0.91; without the net "
+        "(released split): WaNet 0.28, PGD 0.95"
     )
     disagreement_eps: float = Field(0.05, gt=0, le=1, description="guard disagreement: added to both models' "
                                     "probabilities of the implicated label before their log-ratio")
@@ -193,12 +205,32 @@ class DetectParams(Section):
                                "passes)")
     quarantine_k: int = Field(5, ge=1, le=1000, description="guard quarantine_knn: neighbour among the quarantined "
                               "suspects whose distance is subtracted")
+    net_width: int = Field(8, ge=1, le=256, description="guard quarantine_net: width of its small CNN (the model's "
+                           "architecture; 8 costs about a quarter of the CIFAR profile's width-16 model)")
+    net_epochs: int = Field(20, ge=1, le=1000, description="guard quarantine_net: epochs of each training round")
+    net_refine: float = Field(
+        0.3, ge=0, lt=1, description="guard quarantine_net: share of the suspects it scores lowest after the first "
+        "round, moved to the clean side for a second round (0: one round). CIFAR-10 subset, WaNet 10%, TPR at 3.5% "
+        "FPR: 0 0.80, 0.3 0.92, 0.5 0.92")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_shares_go_with_the_default_guard(cls, data):
+        # The default weights name the default guard's detectors: a guard list of one's own without weights of its
+        # own splits by guard_released_share.
+        if isinstance(data, dict) and "guard" in data and "guard_shares" not in data:
+            data = {**data, "guard_shares": None}
+        return data
 
     @model_validator(mode="after")
     def _fusion_is_scored(self) -> "DetectParams":
         missing = [d for d in self.fusion if d not in self.training]
         if missing:
             raise ValueError(f"detect.fusion lists {missing}, which detect.training does not score; add them there")
+        unshared = [d for d in self.guard if self.guard_shares is not None and d not in self.guard_shares]
+        if unshared:
+            raise ValueError(f"detect.guard_shares does not name {unshared} of detect.guard: give each a weight, or set "
+                             "guard_shares: null to split by guard_released_share")
         return self
 
 

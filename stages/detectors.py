@@ -15,7 +15,8 @@ in [0, 1], on the model's device) and, where needed, statistics fitted on data:
 - activation space, learned (Metzen et al. 2017, detector on intermediate activations; fitted by logistic
   regression like Lee et al.'s): a linear probe on the last conv blocks' channel statistics, trained to tell
   clean training images from FGSM / PGD examples of them (`fit_adversarial_probe`, `adversarial_examples`) or
-  from the quarantined suspects (`fit_quarantine_probe`);
+  from the quarantined suspects (`fit_quarantine_probe`); and a small CNN trained on the pixels to tell the suspects
+  from clean images (`fit_quarantine_net`);
 - feature space: `spectral` (Tran et al. 2018, spectral signatures): within a class, poisoned samples
   lie along the top singular direction of the centred penultimate features; and k-NN (Sun et al. 2022):
   `kth_distance` of the normalised penultimate feature to clean neighbours (the guard's `knn`), or
@@ -211,6 +212,55 @@ def fit_quarantine_probe(model, clean: torch.Tensor, suspects: torch.Tensor, blo
 
 def probe_score(stats: torch.Tensor, p: Probe) -> torch.Tensor:
     return ((stats - p.mean) / p.scale) @ p.weight + p.bias
+
+
+def fit_quarantine_net(clean: torch.Tensor, suspects: torch.Tensor, spec: dict, epochs: int, refine: float,
+                       seed: int, batch_size: int = 128):
+    """A small CNN (`spec`: models.model_spec with two classes) trained to tell the quarantined suspects (1) from clean
+    training images (0), on the pixels: Metzen et al. (2017)'s learned detector, trained on the quarantine as
+    `fit_quarantine_probe` is, but reading the input itself, so it learns a trigger the released model no longer
+    represents. The classes weigh alike. Then one round of self-training: the `refine` share of suspects it scores
+    lowest (the clean samples isolation took along, mostly of the target's class) joins the clean side and a fresh
+    net trains again. Measured on the CIFAR-10 subset, WaNet 10% (822 suspects, 501 of them poison; width 8, 20
+    epochs), TPR on triggered test images at 3.5% FPR: 0.80 in one round, 0.92 after dropping 30% (AUROC 0.965,
+    0.988); the released model's quarantine_probe 0.37, a probe on pixel sharpness maps at most 0.10."""
+    from stages.models import build_model
+    from stages.train import batches
+
+    @torch.enable_grad()  # callers fit detectors under no_grad
+    def train(positive: torch.Tensor) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        net = build_model(spec).to(clean.device)
+        x = torch.cat([clean, suspects])
+        y = torch.cat([torch.zeros(len(clean), dtype=torch.long, device=x.device), positive.long()])
+        n_pos = int(y.sum())
+        weight = torch.tensor([1.0, (len(y) - n_pos) / max(n_pos, 1)], device=x.device)
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, total_steps=epochs * -(-len(y) // batch_size))
+        gen = torch.Generator(device=x.device).manual_seed(seed)
+        net.train()
+        for _ in range(epochs):
+            for idx in batches(len(y), batch_size, gen, x.device):
+                loss = F.cross_entropy(net(x[idx]), y[idx], weight=weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+        return net.eval()
+
+    everyone = torch.ones(len(suspects), dtype=torch.bool, device=suspects.device)
+    net = train(everyone)
+    if refine and len(suspects) > 1:
+        with torch.no_grad():
+            score = in_batches(lambda xb: quarantine_net_score(net, xb), suspects)
+        net = train(score >= score.quantile(refine))
+    return net
+
+
+def quarantine_net_score(net, x: torch.Tensor) -> torch.Tensor:
+    """The quarantine net's log-odds that x is a suspect."""
+    logits = net(x)
+    return logits[:, 1] - logits[:, 0]
 
 
 def spectral(feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -6,10 +6,12 @@ cost, and the guard can be recalibrated without touching the model. It takes the
 [N, C, H, W] in [0, 1]) and returns `score` (float32 [N]) and `flag` (bool [N], score > threshold).
 
 Each detector (params detect.guard) scores the input on the released model, on the isolation checkpoint,
-which learned the trigger on purpose, so a triggered input lands where the poison did, or on both
-(disagreement). The default for real images reads the released model alone, one backbone: `quarantine_probe`
-(triggered inputs: the released model unlearned the trigger's label, not the trigger's look) and `probe`
-(adversarial inputs), two linear probes on the block statistics of one pass.
+which learned the trigger on purpose, so a triggered input lands where the poison did, on both
+(disagreement), or on the input itself with a small CNN of its own (`quarantine_net`). The default for real
+images reads the released model and that net: `quarantine_probe` (triggered inputs: the released model
+unlearned the trigger's label, not the trigger's look) and `probe` (adversarial inputs), two linear probes on
+the block statistics of one pass, and `quarantine_net`, trained on the pixels of the quarantine, for a trigger
+that the released model no longer represents (a warp).
 
 Each score is put on one scale by the clean calibration split: 0 at its median, 1 at its own calibration
 score of the rank that its share of the false-positive budget keeps (`fpr_shares`); the guard's score is
@@ -36,10 +38,12 @@ from stages import paths
 from stages.config import Params
 from stages.data import Store, concat, store_hash
 from stages.detectors import (Gaussians, conv_stages, features, fit_adversarial_probe, fit_gaussians,
-                              fit_quarantine_probe, kth_distance, mahalanobis, mismatch, Probe, probe_score)
+                              fit_quarantine_net, fit_quarantine_probe, kth_distance, mahalanobis, mismatch, Probe,
+                              probe_score, quarantine_net_score)
 from stages.errors import SanitizeError
 from stages.onnx_io import input_batches, onnx_predictor, open_session
-from stages.train import to_tensor
+from stages.models import model_spec
+from stages.train import channel_stats, to_tensor
 from stages.unlearn import implicated_class
 
 FAMILIES = {"knn": "feature space (Sun et al. 2022, deep nearest neighbours)",
@@ -53,12 +57,14 @@ FAMILIES = {"knn": "feature space (Sun et al. 2022, deep nearest neighbours)",
             "quarantine_probe": "activation space (the probe's logistic regression on the same block statistics, "
                                 "clean training images against the quarantined suspects; Chen et al. 2019 found "
                                 "poison separable in activations)",
+            "quarantine_net": "feature space, learned (Metzen et al. 2017's detector network, trained on the pixels: "
+                              "clean training images against the quarantined suspects)",
             "disagreement": "model sensitivity (Jin et al.: prediction change under a mutation of the model; here the "
                             "isolation checkpoint against the released model, its unlearned descendant)"}
 
 
 # Left out of the guard when nothing is quarantined.
-NEEDS_QUARANTINE = ("quarantine_knn@", "quarantine_probe@", "disagreement@")
+NEEDS_QUARANTINE = ("quarantine_knn@", "quarantine_probe@", "quarantine_net@", "disagreement@")
 
 
 class KnnHead(nn.Module):
@@ -156,10 +162,22 @@ class ProbeHead(nn.Module):
                                                                               self.bias))
 
 
+class QuarantineNetHead(nn.Module):
+    """`quarantine_net` (`fit_quarantine_net`): its own small CNN, reading the input (source "input")."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quarantine_net_score(self.net, x)
+
+
 class GuardNet(nn.Module):
     """Both models' activations, each detector's calibrated score, the largest, the flag. A head's source is
-    the model whose activations it reads, or None for a head that reads every model's (disagreement); a head
-    with `reads_block_statistics` reads its model's block statistics instead, computed in the same pass."""
+    the model whose activations it reads, None for a head that reads every model's (disagreement) or "input" for one
+    that reads the input itself (quarantine_net); a head with `reads_block_statistics` reads its model's block
+    statistics instead, computed in the same pass."""
 
     def __init__(self, models: dict[str, nn.Module], heads: list[tuple[str | None, nn.Module]]):
         super().__init__()
@@ -184,7 +202,7 @@ class GuardNet(nn.Module):
             else:
                 acts[name] = m.activations(x)
         raw = torch.stack([head(stats[source] if getattr(head, "reads_block_statistics", 0)
-                                else acts if source is None else acts[source])
+                                else x if source == "input" else acts if source is None else acts[source])
                            for source, head in zip(self.sources, self.heads)], dim=1)
         return (raw - self.centre) / self.scale
 
@@ -200,9 +218,10 @@ def allowed_flags(n: int, fpr: float, confidence: float) -> int:
     return max(int(np.searchsorted(binom.cdf(np.arange(n), n, fpr), 1 - confidence, side="right")) - 1, 0)
 
 
-def fpr_shares(entries: list[str], released_share: float) -> list[float]:
-    """Each detector's share of the false-positive budget, for its scale (`build_guard`): the released model's
-    detectors split `released_share`, the isolation checkpoint's the rest; a group alone takes it all.
+def fpr_shares(entries: list[str], released_share: float, weights: dict[str, float] | None = None) -> list[float]:
+    """Each detector's share of the false-positive budget, for its scale (`build_guard`): its weight in `weights`
+    (detect.guard_shares) over theirs all, or, without weights, the released model's detectors split `released_share`,
+    the others (the isolation checkpoint's, the input's) the rest; a group alone takes it all.
 
     Shares shape the scales only; the threshold's bound holds for any. With every detector scaled at the full
     budget, the union of their tails pushed the threshold past all of them (CIFAR-10 subset: 1.55 times each
@@ -211,6 +230,9 @@ def fpr_shares(entries: list[str], released_share: float) -> list[float]:
     adversarial example just past the clean tail of the released model's. At 0.7 for the released model (full
     benchmark): PGD 0.829 (FPR 0.037), BadNets and blend 10% 1.000 as before, but BadNets 5% 0.884 against
     0.989, where isolation found a weaker group; at 1/3 each, PGD 0.615; at 0.5, 0.796."""
+    if weights:
+        total = sum(weights[entry] for entry in entries)
+        return [weights[entry] / total for entry in entries]
     released = [entry.endswith("@released") for entry in entries]
     n_released, n_isolation = sum(released), len(entries) - sum(released)
     if not n_released or not n_isolation:
@@ -258,8 +280,8 @@ def with_flagged(clean: Store, quarantined: Store, flagged_ids: list[str]) -> tu
 def fit_heads(params: Params, models: dict[str, nn.Module], clean: Store, quarantined: Store,
               device: torch.device) -> dict[str, tuple]:
     """Each detector of detect.guard fitted on the clean training set (and the quarantine): entry -> (the model
-    it reads or None, head, description). The detectors that need the quarantine are left out when it is empty.
-    The heads do not depend on which others are fitted beside them (the benchmark fits a superset once)."""
+    it reads, None or "input" (GuardNet), head, description). The detectors that need the quarantine are left out
+    when it is empty. The heads do not depend on which others are fitted beside them (the benchmark fits a superset once)."""
     dp = params.detect
     entries = [e for e in dp.guard if len(quarantined) or not e.startswith(NEEDS_QUARANTINE)]
     x_clean, y_clean = to_tensor(clean.x, device), torch.from_numpy(clean.labels).to(device)
@@ -270,7 +292,7 @@ def fit_heads(params: Params, models: dict[str, nn.Module], clean: Store, quaran
     heads = {}
     for entry in entries:
         detector, source = entry.split("@")
-        acts = fitted[source]
+        acts = fitted.get(source)
         extra, reads = {}, source
         if detector == "disagreement":
             extra, reads = {"model": "isolation against released", "label": implicated_class(quarantined.labels)}, None
@@ -286,6 +308,12 @@ def fit_heads(params: Params, models: dict[str, nn.Module], clean: Store, quaran
             head = ProbeHead(fit_quarantine_probe(models[source], x_clean[sample], to_tensor(quarantined.x, device),
                                                   dp.probe_blocks), dp.probe_blocks)
             extra = {"blocks": dp.probe_blocks, "n_clean": int(len(sample)), "n_suspects": len(quarantined)}
+        elif detector == "quarantine_net":
+            spec = model_spec(clean.image_shape, 2, dp.net_width, *channel_stats(clean.x))
+            head = QuarantineNetHead(fit_quarantine_net(x_clean, to_tensor(quarantined.x, device), spec, dp.net_epochs,
+                                                        dp.net_refine, params.seed))
+            extra = {"width": dp.net_width, "epochs": dp.net_epochs, "refine": dp.net_refine,
+                     "n_clean": len(clean), "n_suspects": len(quarantined)}
         elif detector == "quarantine_knn":
             suspects = features(models[source], to_tensor(quarantined.x, device))[-1]
             head = QuarantineKnnHead(acts[-1][bank], suspects, dp.knn_k, dp.quarantine_k)
@@ -320,7 +348,7 @@ def calibrate_guard(params: Params, models: dict[str, nn.Module], heads: dict[st
     # percentile when the calibration split is small and the threshold lies at its maximum: default digits run,
     # 72 images, mahalanobis's maximum 2.46 times its 95th percentile set the threshold above every triggered
     # digit's disagreement (TPR 0.0; 0.90 at the kept rank, FPR 0.031).
-    shares = fpr_shares(entries, dp.guard_released_share)
+    shares = fpr_shares(entries, dp.guard_released_share, dp.guard_shares)
     centre, scale = detector_scales(raw, shares, dp.guard_fpr, dp.guard_confidence)
     guard.centre.copy_(centre)
     guard.scale.copy_(scale)

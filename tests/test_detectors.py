@@ -184,7 +184,8 @@ def test_guard_leaves_the_quarantine_detectors_out_when_nothing_is_quarantined()
     entries = ["disagreement@isolation", "quarantine_knn@isolation", *Params().detect.guard, "mismatch@released"]
     params = Params.model_validate({"detect": {"guard": entries}})
     guard, report = build_guard(params, models, store(np.arange(40)), empty, store(np.arange(40, 60)), torch.device("cpu"))
-    assert report["left_out"] == ["disagreement@isolation", "quarantine_knn@isolation", "quarantine_probe@released"]
+    assert report["left_out"] == ["disagreement@isolation", "quarantine_knn@isolation", "quarantine_net@input",
+                                  "quarantine_probe@released"]
     assert [d["detector"] for d in report["detectors"]] == ["probe", "mismatch"] and len(guard.heads) == 2
     only = Params.model_validate({"detect": {"guard": ["quarantine_knn@isolation"]}})
     with pytest.raises(SanitizeError, match="quarantine is empty"):
@@ -396,3 +397,56 @@ def test_guard_computes_one_set_of_block_statistics_for_two_probes_on_one_model(
         raw = guard.detector_scores(x)
         for j, (k, p) in enumerate(probes.items()):
             assert torch.allclose(raw[:, j], probe_score(block_statistics(model, x, k), p), atol=1e-5)
+
+
+def test_quarantine_net_flags_held_out_warped_digits_and_ships_in_the_guard_onnx(tmp_path):
+    """WaNet on real digits, whose warp moves pixels by a fifth of a pixel: the quarantine net, trained on the
+    pixels of the suspects (the poison and as many clean digits of its label as isolation might take along, half
+    its number) against the rest, scores warped held-out digits above clean ones; trained on a placebo quarantine
+    of clean digits, it does not (measured AUROC 0.998 against 0.48). Through guard.onnx its score matches torch."""
+    from stages.detectors import fit_quarantine_net, quarantine_net_score
+    from stages.guard import GuardNet, QuarantineNetHead, export_guard, onnx_guard
+    from stages.models import model_spec
+    from stages.sources import read_digits
+    from stages.train import channel_stats, seed_everything, to_tensor
+    from stages.triggers import apply_trigger, poison
+
+    cpu = torch.device("cpu")
+    params = Params.model_validate({"device": "cpu", "redteam": {"attack": "wanet", "poison_rate": 0.1}})
+    seed_everything(0)
+    src = read_digits(0.2, 0)
+    x_poisoned, y_poisoned, truth = poison(src.train.x, src.train.y, params.redteam, 0)
+    backdoor = np.array(sorted(i for i, role in truth.items() if role == "backdoor"))
+    target = params.redteam.target
+    taken_along = np.setdiff1d(np.flatnonzero(y_poisoned == target), backdoor)[:len(backdoor) // 2]
+    x = to_tensor(x_poisoned, cpu)
+    spec = model_spec(x_poisoned.shape[1:], 2, 8, *channel_stats(x_poisoned))
+    keep = src.test.y != target
+    x_clean, x_warped = to_tensor(src.test.x, cpu), to_tensor(apply_trigger(src.test.x[keep], "wanet", params.redteam), cpu)
+    placebo = np.random.default_rng(0).choice(np.setdiff1d(np.arange(len(x)), backdoor), len(backdoor), replace=False)
+    found, nets = {}, {}
+    for name, suspects in (("poison", np.union1d(backdoor, taken_along)), ("placebo", placebo)):
+        rest = np.setdiff1d(np.arange(len(x)), suspects)
+        nets[name] = fit_quarantine_net(x[rest], x[suspects], spec, epochs=20, refine=0.3, seed=0)
+        with torch.no_grad():
+            found[name] = auroc(quarantine_net_score(nets[name], x_warped), quarantine_net_score(nets[name], x_clean))
+    assert found["poison"] > 0.97 and found["placebo"] < 0.7, found
+
+    guard = GuardNet({}, [("input", QuarantineNetHead(nets["poison"]))]).eval()
+    export_guard(guard, src.test.x.shape[1:], tmp_path / "guard.onnx", params.export.opset, {})
+    score, _ = onnx_guard(tmp_path / "guard.onnx")[0](src.test.x)
+    with torch.no_grad():
+        assert np.allclose(score, guard(x_clean)[0].numpy(), atol=1e-4)
+
+
+def test_guard_shares_weigh_each_detector_by_name_and_must_name_every_one():
+    weights = {"quarantine_net@input": 0.55, "quarantine_probe@released": 0.1, "probe@released": 0.35}
+    assert fpr_shares(list(weights), 0.7, weights) == pytest.approx([0.55, 0.1, 0.35])
+    # A detector left out (nothing quarantined): the others' weights are renormalised.
+    assert fpr_shares(["probe@released"], 0.7, weights) == [1.0]
+    assert fpr_shares(["quarantine_net@input", "probe@released"], 0.7) == pytest.approx([0.3, 0.7])  # the input's: not released
+    with pytest.raises(ValueError, match="guard_shares does not name"):
+        Params.model_validate({"detect": {"guard": ["probe@released", "knn@released"],
+                                          "guard_shares": {"probe@released": 1.0}}})
+    assert Params.model_validate({"detect": {"guard": ["knn@released"]}}).detect.guard_shares is None  # own list
+    assert Params().detect.guard_shares == weights
