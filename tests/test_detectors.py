@@ -444,7 +444,8 @@ def test_guard_shares_weigh_each_detector_by_name_and_must_name_every_one():
     assert fpr_shares(list(weights), 0.7, weights) == pytest.approx([0.55, 0.1, 0.35])
     # A detector left out (nothing quarantined): the others' weights are renormalised.
     assert fpr_shares(["probe@released"], 0.7, weights) == [1.0]
-    assert fpr_shares(["quarantine_net@input", "probe@released"], 0.7) == pytest.approx([0.3, 0.7])  # the input's: not released
+    # Without weights the input's detector is not the released model's.
+    assert fpr_shares(["quarantine_net@input", "probe@released"], 0.7) == pytest.approx([0.3, 0.7])
     with pytest.raises(ValueError, match="guard_shares does not name"):
         Params.model_validate({"detect": {"guard": ["probe@released", "knn@released"],
                                           "guard_shares": {"probe@released": 1.0}}})
