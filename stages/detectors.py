@@ -227,11 +227,12 @@ def fit_quarantine_net(clean: torch.Tensor, suspects: torch.Tensor, spec: dict, 
     from stages.models import build_model
     from stages.train import batches
 
+    x = torch.cat([clean, suspects])  # once: both rounds train on the same rows, only the suspects' labels change
+
     @torch.enable_grad()  # callers fit detectors under no_grad
     def train(positive: torch.Tensor) -> torch.nn.Module:
         torch.manual_seed(seed)
         net = build_model(spec).to(clean.device)
-        x = torch.cat([clean, suspects])
         y = torch.cat([torch.zeros(len(clean), dtype=torch.long, device=x.device), positive.long()])
         n_pos = int(y.sum())
         weight = torch.tensor([1.0, (len(y) - n_pos) / max(n_pos, 1)], device=x.device)
