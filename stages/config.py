@@ -151,7 +151,8 @@ class DetectParams(Section):
         ["quarantine_net@input", "quarantine_probe@released", "probe@released"], min_length=1,
         description="detectors of the inference guard (models/guard.onnx), each on the released model, on the "
         "isolation checkpoint (which learned the trigger on purpose) or on the input; the guard's score is the "
-        "largest of their calibrated scores. quarantine_net (on the input): a small CNN of its own (detect.net_width), trained on the "
+        "largest of their calibrated scores. quarantine_net (on the input): a small CNN of its own "
+        "(detect.net_width), trained on the "
         "pixels to tell the quarantined suspects from clean training images: it learns a trigger the released model "
         "no longer represents (WaNet's warp); quarantine_probe: a logistic regression on the model's block "
         "statistics, clean training images against the quarantined suspects (triggered inputs); probe: the same on "
@@ -160,7 +161,8 @@ class DetectParams(Section):
         "(bench/results/guard.md): knn: distance to clean training features; quarantine_knn: that distance minus "
         "the distance to the quarantined suspects' features; disagreement: how much more the isolation checkpoint "
         "than the released model believes the implicated label (these, quarantine_probe and quarantine_net are left "
-        "out when the quarantine is empty); mahalanobis: distance to the nearest class's Gaussian; mismatch: how much farther "
+        "out when the quarantine is empty); mahalanobis: distance to the nearest class's Gaussian; mismatch: how "
+        "much farther "
         "the activations lie from the predicted class than from the nearest"
     )
     guard_fpr: float = Field(0.05, gt=0, lt=1, description="false-positive rate the guard's threshold is "
