@@ -311,8 +311,8 @@ def fit_heads(params: Params, models: dict[str, nn.Module], clean: Store, quaran
         elif detector == "quarantine_net":
             spec = model_spec(clean.image_shape, 2, dp.net_width, *channel_stats(clean.x))
             head = QuarantineNetHead(fit_quarantine_net(x_clean, to_tensor(quarantined.x, device), spec, dp.net_epochs,
-                                                        dp.net_refine, params.seed))
-            extra = {"width": dp.net_width, "epochs": dp.net_epochs, "refine": dp.net_refine,
+                                                        dp.net_rounds, dp.net_refine, params.seed))
+            extra = {"width": dp.net_width, "epochs": dp.net_epochs, "rounds": dp.net_rounds, "refine": dp.net_refine,
                      "n_clean": len(clean), "n_suspects": len(quarantined)}
         elif detector == "quarantine_knn":
             suspects = features(models[source], to_tensor(quarantined.x, device))[-1]

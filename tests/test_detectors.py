@@ -427,7 +427,7 @@ def test_quarantine_net_flags_held_out_warped_digits_and_ships_in_the_guard_onnx
     found, nets = {}, {}
     for name, suspects in (("poison", np.union1d(backdoor, taken_along)), ("placebo", placebo)):
         rest = np.setdiff1d(np.arange(len(x)), suspects)
-        nets[name] = fit_quarantine_net(x[rest], x[suspects], spec, epochs=20, refine=0.3, seed=0)
+        nets[name] = fit_quarantine_net(x[rest], x[suspects], spec, epochs=20, rounds=3, refine=0.55, seed=0)
         with torch.no_grad():
             found[name] = auroc(quarantine_net_score(nets[name], x_warped), quarantine_net_score(nets[name], x_clean))
     assert found["poison"] > 0.97 and found["placebo"] < 0.7, found
@@ -440,10 +440,11 @@ def test_quarantine_net_flags_held_out_warped_digits_and_ships_in_the_guard_onnx
 
 
 def test_guard_shares_weigh_each_detector_by_name_and_must_name_every_one():
-    weights = {"quarantine_net@input": 0.55, "quarantine_probe@released": 0.1, "probe@released": 0.35}
-    assert fpr_shares(list(weights), 0.7, weights) == pytest.approx([0.55, 0.1, 0.35])
-    # A detector left out (nothing quarantined): the others' weights are renormalised.
+    weights = {"quarantine_net@input": 0.7, "quarantine_probe@released": 0.1, "probe@released": 0.2}
+    assert fpr_shares(list(weights), 0.7, weights) == pytest.approx([0.7, 0.1, 0.2])
+    # Detectors left out (nothing quarantined): the others' weights are renormalised.
     assert fpr_shares(["probe@released"], 0.7, weights) == [1.0]
+    assert fpr_shares(["quarantine_net@input", "probe@released"], 0.7, weights) == pytest.approx([0.7 / 0.9, 0.2 / 0.9])
     # Without weights the input's detector is not the released model's.
     assert fpr_shares(["quarantine_net@input", "probe@released"], 0.7) == pytest.approx([0.3, 0.7])
     with pytest.raises(ValueError, match="guard_shares does not name"):
