@@ -234,6 +234,10 @@ def fit_quarantine_net(clean: torch.Tensor, suspects: torch.Tensor, spec: dict, 
     def train(positives: torch.Tensor) -> torch.nn.Module:
         torch.manual_seed(seed)
         net = build_model(spec).to(clean.device)
+        # Few positives against many clean images: repeated until the class weight is at most 10. Weighted alone
+        # (blend 1%: 60 kept suspects, weight 83) the later rounds' training broke down: blended test images
+        # 0.04 at 1.7% FPR against 1.00 with the repeats (WaNet 10%: 0.86 against 0.94).
+        positives = positives.repeat(max(1, -(-len(clean) // (10 * max(len(positives), 1)))), 1, 1, 1)
         x = torch.cat([clean, positives])
         y = torch.cat([torch.zeros(len(clean), dtype=torch.long, device=x.device),
                        torch.ones(len(positives), dtype=torch.long, device=x.device)])
