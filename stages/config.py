@@ -168,9 +168,12 @@ class DetectParams(Section):
     guard_fpr: float = Field(0.05, gt=0, lt=1, description="false-positive rate the guard's threshold is "
                              "calibrated to, on the clean calibration split")
     guard_confidence: float = Field(
-        0.95, ge=0.5, lt=1, description="the guard's false-positive rate is at most guard_fpr with this probability, "
+        0.99, ge=0.5, lt=1, description="the guard's false-positive rate is at most guard_fpr with this probability, "
         "judged from the clean calibration split (a binomial bound: more calibration images, less margin); 0.5: the "
-        "plain 95th percentile, whose FPR on new images exceeds guard_fpr about half the time"
+        "plain 95th percentile, whose FPR on new images exceeds guard_fpr about half the time. 0.99 rather than 0.95: "
+        "a user measures the FPR on a finite sample of their own, which adds its noise; CIFAR-10 subset, 508 "
+        "calibration and 509 evaluation images, 50 re-splits: at 0.95 the measured FPR exceeded 0.05 in 4-14% of "
+        "splits (mean 0.034; binomial model 10.7%), at 0.99 the model gives 3.7% (mean 0.030)"
     )
     guard_released_share: float = Field(
         0.7, ge=0, le=1, description="share of guard_fpr by which the released model's detectors are scaled "
