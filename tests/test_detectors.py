@@ -62,10 +62,10 @@ def test_guard_gives_the_released_models_detectors_their_share_of_the_false_posi
     def clean(n):
         return torch.from_numpy(np.stack([rng.lognormal(0, 1.5, n), rng.normal(size=n)], axis=1))
 
-    cal, fresh = clean(500), clean(20000)
+    fresh = clean(20000)
     adversarial = torch.from_numpy(np.stack([rng.lognormal(0, 1.5, 2000), rng.normal(2.2, 0.3, 2000)], axis=1))
 
-    def rates(shares):
+    def rates(cal, shares):
         centre, scale = detector_scales(cal, shares, 0.05, 0.9)
 
         def score(x):  # the guard's own rule: the largest scaled score
@@ -74,10 +74,13 @@ def test_guard_gives_the_released_models_detectors_their_share_of_the_false_posi
         threshold = calibrated_threshold(score(cal), 0.05, 0.9)
         return float(np.mean(score(adversarial) > threshold)), float(np.mean(score(fresh) > threshold))
 
-    tpr_full, fpr_full = rates([1.0, 1.0])  # before the shares: each detector scaled at the whole budget
-    tpr_share, fpr_share = rates(fpr_shares(["trigger@isolation", "adversarial@released"], 0.7))
-    assert tpr_share > tpr_full + 0.1
-    assert max(fpr_full, fpr_share) <= 0.05  # the threshold's bound holds whatever the shares
+    shared = fpr_shares(["trigger@isolation", "adversarial@released"], 0.7)
+    draws = [clean(500) for _ in range(100)]
+    full = np.array([rates(cal, [1.0, 1.0]) for cal in draws])  # before the shares: each at the whole budget
+    share = np.array([rates(cal, shared) for cal in draws])
+    assert share[:, 0].mean() > full[:, 0].mean() + 0.1
+    # The threshold's bound, FPR <= 0.05 with probability 0.9, holds whatever the shares (binomial slack of 3 sigma).
+    assert max(np.mean(full[:, 1] > 0.05), np.mean(share[:, 1] > 0.05)) <= 0.1 + 3 * (0.1 * 0.9 / 100) ** 0.5
 
 
 def test_feature_and_activation_detectors_rank_the_planted_outliers_first():
