@@ -247,9 +247,9 @@ def resplit_rates(clean: torch.Tensor, malicious: dict[str, tuple[torch.Tensor, 
     fprs, tprs = [], {name: [] for name in malicious}
     for seed in seeds:
         test_idx, cal_idx = calibration_split(y_test, params.data.calibration_size, seed)
-        centre, scale = detector_scales(clean[cal_idx], shares, dp.guard_fpr, dp.guard_confidence)
+        centre, scale = detector_scales(clean[cal_idx], shares, dp.guard_fpr, dp.guard_confidence, len(test_idx))
         score = ((clean - centre) / scale).amax(dim=1).cpu().numpy()
-        threshold = calibrated_threshold(score[cal_idx], dp.guard_fpr, dp.guard_confidence)
+        threshold = calibrated_threshold(score[cal_idx], dp.guard_fpr, dp.guard_confidence, len(test_idx))
         fprs.append(float(np.mean(score[test_idx] > threshold)))
         for name, (bad, made_from) in malicious.items():
             held_out = np.isin(made_from, test_idx)
@@ -311,8 +311,9 @@ def guard_benchmark(params: Params, case: tuple, released, isolation, clean: Sto
     entries = [*params.detect.guard, *(e for e in GUARD_ALTERNATIVES if e not in params.detect.guard)]
     wide = params.model_copy(update={"detect": params.detect.model_copy(update={"guard": entries, "guard_shares": None})})
     heads = fit_heads(wide, models, clean, quarantined, device)
-    guard, _ = calibrate_guard(params, models, heads, calibration, device)
-    each, each_report = calibrate_guard(wide, models, heads, calibration, device)
+    # Calibrated, as export does, for the FPR measured on the evaluation split's clean images.
+    guard, _ = calibrate_guard(params, models, heads, calibration, device, len(test_idx))
+    each, each_report = calibrate_guard(wide, models, heads, calibration, device, len(test_idx))
     entries = [e for e in entries if e not in each_report["left_out"]]
     x_cal, x_eval = to_tensor(calibration.x, device), to_tensor(x_test[test_idx], device)
     y_eval = torch.from_numpy(y_test[test_idx]).to(device)
@@ -340,7 +341,8 @@ def guard_benchmark(params: Params, case: tuple, released, isolation, clean: Sto
                 cal, clean_scores = wide_cal[:, entries.index(name)], wide_eval[:, entries.index(name)]
             else:
                 cal, clean_scores = scorer(x_cal).cpu().numpy(), scorer(x_eval).cpu().numpy()
-            threshold = calibrated_threshold(cal, params.detect.guard_fpr, params.detect.guard_confidence)
+            threshold = calibrated_threshold(cal, params.detect.guard_fpr, params.detect.guard_confidence,
+                                             len(test_idx))
             for attack_name, xm in malicious.items():
                 t1 = time.perf_counter()
                 bad = scorer(xm).cpu().numpy()
@@ -469,12 +471,14 @@ def guard_markdown(rows: list[dict], costs: list[dict], meta: dict) -> str:
              "Each detector is calibrated on the calibration split of the test set (`data.calibration_size` of "
              "each class, see the profiles in defense.md) to a false-positive rate of at most `detect.guard_fpr` "
              f"({Params().detect.guard_fpr}) with probability `detect.guard_confidence` "
-             f"({Params().detect.guard_confidence}), and measured on the rest: FPR on its clean images, TPR on "
+             f"({Params().detect.guard_confidence}) as measured on the rest (the bound takes in the evaluation "
+             "images' own sampling noise, as export does for the gate's), and measured there: FPR on its clean "
+             "images, TPR on "
              "malicious ones (red-team triggered non-target images, or FGSM / PGD, L-inf eps 8/255, PGD 10 steps "
              "of eps/4, against the released model of a clean training run, poison rate 0). `guard` "
              "is the shipped combination (largest calibrated score of `detect.guard`: each detector at 0 on its "
-             "calibration median, 1 at its own score of the calibration rank its share of the budget keeps, "
-             "`detect.guard_released_share`); the other rows are its detectors alone and unshipped alternatives "
+             "calibration median, 1 at its own score of the calibration rank of its share of the images the "
+             "threshold may flag, `detect.guard_shares`); the other rows are its detectors alone and unshipped alternatives "
              "(`strip@isolation` costs one forward pass per blend).", "",
              "| " + " | ".join(GUARD_KEYS) + " |", "|" + "---|" * len(GUARD_KEYS)]
     lines += ["| " + " | ".join(fmt(r[k]) for k in GUARD_KEYS) + " |" for r in rows]

@@ -168,12 +168,12 @@ class DetectParams(Section):
     guard_fpr: float = Field(0.05, gt=0, lt=1, description="false-positive rate the guard's threshold is "
                              "calibrated to, on the clean calibration split")
     guard_confidence: float = Field(
-        0.99, ge=0.5, lt=1, description="the guard's false-positive rate is at most guard_fpr with this probability, "
-        "judged from the clean calibration split (a binomial bound: more calibration images, less margin); 0.5: the "
-        "plain 95th percentile, whose FPR on new images exceeds guard_fpr about half the time. 0.99 rather than 0.95: "
-        "a user measures the FPR on a finite sample of their own, which adds its noise; CIFAR-10 subset, 508 "
-        "calibration and 509 evaluation images, 50 re-splits: at 0.95 the measured FPR exceeded 0.05 in 4-14% of "
-        "splits (mean 0.034; binomial model 10.7%), at 0.99 the model gives 3.7% (mean 0.030)"
+        0.99, ge=0.5, lt=1, description="the guard's false-positive rate, as the gate measures it on the clean "
+        "test images, is at most guard_fpr with this probability, judged from the clean calibration split (a "
+        "beta-binomial bound that takes in both samples' noise: more images, less margin); 0.5: about the plain 95th "
+        "percentile, whose FPR on new images exceeds guard_fpr about half the time. CIFAR-10 subset, 508 calibration "
+        "and 509 test images, 200 re-splits: the measured FPR exceeded 0.05 in 1% of them (mean 0.024); bounding "
+        "the true FPR alone at 0.99 left 2-4.5% (mean 0.030), at 0.95 6-9% (mean 0.034)"
     )
     guard_released_share: float = Field(
         0.7, ge=0, le=1, description="share of guard_fpr by which the released model's detectors are scaled "

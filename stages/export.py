@@ -77,7 +77,8 @@ def run(params: Params) -> None:
         if not max_diff <= params.export.atol:  # also catches NaN
             raise SanitizeError(f"{paths.ONNX_MODEL}: onnxruntime differs from torch by {max_diff:.2e} "
                                 f"> export.atol={params.export.atol}; the export is refused")
-    guard_report = export_guard_file(params, model, test.image_shape, clean, meta, ckpt.get("recheck_ids", []))
+    guard_report = export_guard_file(params, model, test.image_shape, clean, meta, ckpt.get("recheck_ids", []),
+                                     len(test))
     write_json(paths.metrics_file("export"), {"max_abs_diff": max_diff, "atol": params.export.atol,
                                                "opset": params.export.opset, "parity_batches": list(PARITY_BATCHES),
                                                "params_hash": meta["params_hash"], "data_hash": meta["data_hash"],
@@ -88,10 +89,10 @@ def run(params: Params) -> None:
 
 
 def export_guard_file(params: Params, model: torch.nn.Module, image_shape, clean, model_meta: dict,
-                      recheck_ids: list[str]) -> dict:
+                      recheck_ids: list[str], check_size: int) -> dict:
     """Build the guard (stages/guard.py) from the released model, the isolation checkpoint and the quarantine (with the
-    samples unlearn's recheck flagged, `recheck_ids`), export it, and check onnxruntime against torch on the
-    calibration images."""
+    samples unlearn's recheck flagged, `recheck_ids`), calibrated for the FPR the gate measures on `check_size`
+    clean test images, export it, and check onnxruntime against torch on the calibration images."""
     from stages.guard import build_guard, export_guard, onnx_guard, with_flagged
 
     device = torch.device("cpu")
@@ -99,9 +100,10 @@ def export_guard_file(params: Params, model: torch.nn.Module, image_shape, clean
     calibration = load_store(paths.CALIBRATION_STORE)
     clean, quarantined = with_flagged(clean, load_store(paths.QUARANTINE_STORE), recheck_ids)
     guard, report = build_guard(params, {"released": model, "isolation": isolation}, clean, quarantined, calibration,
-                                device)
+                                device, check_size)
     meta = {"producer": "backdoor-sanitizer guard", "threshold": repr(report["threshold"]),
             "target_fpr": str(report["target_fpr"]), "confidence": str(report["confidence"]),
+            "check_size": str(report["check_size"]),
             "calibration_fpr": str(report["calibration_fpr"]),
             "calibration_hash": report["calibration_hash"], "n_calibration": str(report["n_calibration"]),
             "detectors": json.dumps(report["detectors"]), "left_out": json.dumps(report["left_out"]),

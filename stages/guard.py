@@ -14,9 +14,10 @@ the block statistics of one pass, and `quarantine_net`, trained on the pixels of
 that the released model no longer represents (a warp).
 
 Each score is put on one scale by the clean calibration split: 0 at its median, 1 at its own calibration
-score of the rank that its share of the false-positive budget keeps (`fpr_shares`); the guard's score is
+score of the rank of its share (`fpr_shares`) of the calibration images the threshold may flag; the guard's score is
 the largest, and its threshold keeps the false-positive rate at most `detect.guard_fpr` with probability
-`detect.guard_confidence` (`calibrated_threshold`), judged on that split. The threshold, the calibration
+`detect.guard_confidence` (`calibrated_threshold`), judged on that split, as the gate measures it: on the clean
+images of the rest of the test split, whose own sampling noise the bound takes in. The threshold, the calibration
 data's hash and the detectors are in the file's metadata.
 
 `python -m stages guard IMAGE... [--json]` prints each image's predicted class, score and verdict.
@@ -211,11 +212,23 @@ class GuardNet(nn.Module):
         return score, score > self.threshold
 
 
-def allowed_flags(n: int, fpr: float, confidence: float) -> int:
-    """How many of n clean calibration scores may lie above the threshold (`calibrated_threshold`)."""
-    from scipy.stats import binom
+def allowed_flags(n: int, fpr: float, confidence: float, check_size: int = 0) -> int:
+    """How many of n clean calibration scores may lie above the threshold (`calibrated_threshold`): the most, k,
+    that keep P(FPR > fpr) at most 1 - confidence.
 
-    return max(int(np.searchsorted(binom.cdf(np.arange(n), n, fpr), 1 - confidence, side="right")) - 1, 0)
+    Flagging the k highest of n leaves a true FPR distributed as Beta(k + 1, n - k) (order statistics; Vovk 2012,
+    training-conditional conformal validity), so P(FPR > fpr) = P(Binomial(n, fpr) <= k). Measured on `check_size`
+    fresh clean images instead (the gate's evaluation split), the flagged count among them is beta-binomial: their
+    sampling noise comes on top, and k is smaller (508 calibration images, 509 checked, confidence 0.99: 11, not 14).
+    """
+    from scipy.stats import betabinom, binom
+
+    ks = np.arange(n)
+    if check_size:  # P(more than fpr of check_size flagged), rising with k
+        over = betabinom.sf(np.floor(fpr * check_size + 1e-9), check_size, ks + 1, n - ks)
+    else:
+        over = binom.cdf(ks, n, fpr)
+    return max(int(np.searchsorted(over, 1 - confidence, side="right")) - 1, 0)
 
 
 def fpr_shares(entries: list[str], released_share: float, weights: dict[str, float] | None = None) -> list[float]:
@@ -240,14 +253,14 @@ def fpr_shares(entries: list[str], released_share: float, weights: dict[str, flo
     return [released_share / n_released if r else (1 - released_share) / n_isolation for r in released]
 
 
-def detector_scales(raw: torch.Tensor, shares: list[float], fpr: float, confidence: float):
+def detector_scales(raw: torch.Tensor, shares: list[float], fpr: float, confidence: float, check_size: int = 0):
     """(centre, scale) per detector from clean calibration scores [n, detectors]: 0 at its median, 1 at the
     calibration rank of its share of the flags the threshold allows (`allowed_flags` of the whole budget, the rank
     interpolated). Each share's own bound instead (allowed_flags(n, fpr * share)) sets a small share's scale at the
     calibration maximum when the confidence is high: CIFAR-10 subset, confidence 0.99, 200 re-splits, the guard
     caught 0.55 of PGD that way (5th percentile 0.19), 0.93 this way (0.89), FPR alike (mean 0.028, 0.030)."""
     ranked, n = raw.sort(dim=0).values, len(raw)
-    rank = (n - 1 - torch.tensor(shares, dtype=torch.float64) * allowed_flags(n, fpr, confidence)).clamp_min(0)
+    rank = (n - 1 - torch.tensor(shares, dtype=torch.float64) * allowed_flags(n, fpr, confidence, check_size)).clamp_min(0)
     below, above = rank.floor().long().to(raw.device), rank.ceil().long().to(raw.device)
     weight = (rank - rank.floor()).to(raw.device, raw.dtype)
     columns = torch.arange(raw.shape[1], device=raw.device)
@@ -256,20 +269,18 @@ def detector_scales(raw: torch.Tensor, shares: list[float], fpr: float, confiden
     return centre, (kept - centre).clamp_min(1e-6)
 
 
-def calibrated_threshold(scores: np.ndarray, fpr: float, confidence: float = 0.5) -> float:
-    """A threshold (flag = score > threshold) under which the guard's true false-positive rate is at most
-    `fpr` with probability `confidence`, from these clean calibration scores.
+def calibrated_threshold(scores: np.ndarray, fpr: float, confidence: float = 0.5, check_size: int = 0) -> float:
+    """A threshold (flag = score > threshold) under which the guard's false-positive rate is at most `fpr` with
+    probability `confidence`, from these clean calibration scores: its true rate, or with `check_size` the rate
+    measured on that many fresh clean images (`allowed_flags`).
 
-    Flagging the k highest of n calibration scores leaves a true FPR distributed as Beta(k + 1, n - k),
-    so P(FPR > fpr) = P(Binomial(n, fpr) <= k) (order statistics; Vovk 2012, training-conditional
-    conformal validity): k is the largest with that probability at most 1 - confidence (at least 0).
     confidence 0.5 is about the plain (1 - fpr) quantile, whose FPR on new images overshoots half the time
     (measured on the CIFAR-10 subset, 203 calibration images: test FPR above 0.06 in 30% of random splits).
     The cut lies halfway between the last score kept and the first flagged, so that onnxruntime's rounding
     (relative 1e-4) of a calibration image's score cannot move it across."""
     s = np.sort(scores)
     n = len(s)
-    allowed = allowed_flags(n, fpr, confidence)
+    allowed = allowed_flags(n, fpr, confidence, check_size)
     kept = s[n - allowed - 1]
     return float(kept if allowed == 0 else (kept + s[n - allowed]) / 2)
 
@@ -336,9 +347,10 @@ def fit_heads(params: Params, models: dict[str, nn.Module], clean: Store, quaran
 
 @torch.no_grad()
 def calibrate_guard(params: Params, models: dict[str, nn.Module], heads: dict[str, tuple], calibration: Store,
-                    device: torch.device) -> tuple[GuardNet, dict]:
+                    device: torch.device, check_size: int = 0) -> tuple[GuardNet, dict]:
     """The guard of these fitted heads (`fit_heads`), its scales and threshold calibrated on the calibration split
-    (never trained on), and its report."""
+    (never trained on) for an FPR measured on `check_size` clean images (the gate's; 0: the true FPR), and its
+    report."""
     dp = params.detect
     entries = [e for e in dp.guard if e in heads]
     if not entries:
@@ -356,16 +368,16 @@ def calibrate_guard(params: Params, models: dict[str, nn.Module], heads: dict[st
     # maximum: default digits run, 72 images, mahalanobis's maximum 2.46 times its 95th percentile set the threshold
     # above every triggered digit's disagreement (TPR 0.0; 0.90 at the kept rank, FPR 0.031).
     shares = fpr_shares(entries, dp.guard_released_share, dp.guard_shares)
-    centre, scale = detector_scales(raw, shares, dp.guard_fpr, dp.guard_confidence)
+    centre, scale = detector_scales(raw, shares, dp.guard_fpr, dp.guard_confidence, check_size)
     guard.centre.copy_(centre)
     guard.scale.copy_(scale)
     score = guard(x_cal)[0].cpu().numpy()
-    threshold = calibrated_threshold(score, dp.guard_fpr, dp.guard_confidence)
+    threshold = calibrated_threshold(score, dp.guard_fpr, dp.guard_confidence, check_size)
     guard.threshold.fill_(threshold)
     for d, c, s, share in zip(described, guard.centre.tolist(), guard.scale.tolist(), shares):
         d.update(centre=round(c, 6), scale=round(s, 6), fpr_share=round(share, 4))
     report = {"threshold": threshold, "target_fpr": dp.guard_fpr, "confidence": dp.guard_confidence,
-              "n_calibration": len(calibration),
+              "check_size": check_size, "n_calibration": len(calibration),
               "calibration_fpr": float(np.mean(score > threshold)), "calibration_hash": store_hash(calibration),
               "detectors": described, "left_out": [e for e in dp.guard if e not in entries]}
     return guard, report
@@ -373,9 +385,10 @@ def calibrate_guard(params: Params, models: dict[str, nn.Module], heads: dict[st
 
 @torch.no_grad()
 def build_guard(params: Params, models: dict[str, nn.Module], clean: Store, quarantined: Store,
-                calibration: Store, device: torch.device) -> tuple[GuardNet, dict]:
+                calibration: Store, device: torch.device, check_size: int = 0) -> tuple[GuardNet, dict]:
     """`fit_heads`, then `calibrate_guard`: the guard of detect.guard and its report."""
-    return calibrate_guard(params, models, fit_heads(params, models, clean, quarantined, device), calibration, device)
+    heads = fit_heads(params, models, clean, quarantined, device)
+    return calibrate_guard(params, models, heads, calibration, device, check_size)
 
 
 def export_guard(guard: GuardNet, image_shape: tuple[int, int, int], path: Path, opset: int, meta: dict) -> None:

@@ -51,6 +51,19 @@ def test_calibrated_threshold_holds_its_false_positive_rate_with_the_confidence_
     assert 0.3 < overshoot[0.5] <= 0.5 + 0.03 and overshoot[0.9] <= 0.1 + 0.03
 
 
+def test_calibrated_threshold_with_a_check_size_holds_the_rate_measured_on_that_many_images():
+    # The FPR measured on 100 clean images carries their own sampling noise on top of the calibration's.
+    rng = np.random.default_rng(3)
+    measured = {0: [], 100: []}
+    for _ in range(1000):
+        cal, checked = rng.normal(size=500), rng.normal(size=100)
+        for size in measured:
+            measured[size].append(np.mean(checked > calibrated_threshold(cal, 0.05, 0.95, check_size=size)))
+    overshoot = {size: np.mean(np.array(fprs) > 0.05) for size, fprs in measured.items()}
+    # Measured: 0.044 with the check size, 0.133 with the true rate's bound alone.
+    assert overshoot[100] <= 0.05 + 0.02 < overshoot[0] - 0.05
+
+
 def test_guard_gives_the_released_models_detectors_their_share_of_the_false_positive_budget():
     assert fpr_shares(["disagreement@isolation", "quarantine_knn@isolation", "mahalanobis@released"], 0.7) == \
         pytest.approx([0.15, 0.15, 0.7])
@@ -243,6 +256,7 @@ def test_pipeline_writes_detector_scores_and_a_calibrated_guard(pipeline):
 
     test_ids = set(load_store(pipeline / "data/ingested/test.npz").ids)
     assert not test_ids & set(calibration.ids)  # the gate never scores the calibration images
+    assert int(meta["check_size"]) == len(test_ids)  # calibrated for the FPR the gate measures there
     gate = json.loads((pipeline / "metrics/gate.json").read_text())
     # The default run's triggered test digits: the isolation checkpoint obeys the trigger, the released model no
     # longer does, and the guard sees that disagreement (measured: TPR 1.0, FPR 0.045).
@@ -406,7 +420,7 @@ def test_quarantine_net_flags_held_out_warped_digits_and_ships_in_the_guard_onnx
     """WaNet on real digits, whose warp moves pixels by a fifth of a pixel: the quarantine net, trained on the
     pixels of the suspects (the poison and as many clean digits of its label as isolation might take along, half
     its number) against the rest, scores warped held-out digits above clean ones; trained on a placebo quarantine
-    of clean digits, it does not (measured AUROC 0.998 against 0.48). Through guard.onnx its score matches torch."""
+    of clean digits, it does not (measured AUROC 0.996 against 0.48). Through guard.onnx its score matches torch."""
     from stages.detectors import fit_quarantine_net, quarantine_net_score
     from stages.guard import GuardNet, QuarantineNetHead, export_guard, onnx_guard
     from stages.models import model_spec
