@@ -257,8 +257,8 @@ def detector_scales(raw: torch.Tensor, shares: list[float], fpr: float, confiden
     """(centre, scale) per detector from clean calibration scores [n, detectors]: 0 at its median, 1 at the
     calibration rank of its share of the flags the threshold allows (`allowed_flags` of the whole budget, the rank
     interpolated). Each share's own bound instead (allowed_flags(n, fpr * share)) sets a small share's scale at the
-    calibration maximum when the confidence is high: CIFAR-10 subset, confidence 0.99, 200 re-splits, the guard
-    caught 0.55 of PGD that way (5th percentile 0.19), 0.93 this way (0.89), FPR alike (mean 0.028, 0.030)."""
+    calibration maximum when the confidence is high: CIFAR-10 subset, 0.99 on the true FPR, 200 re-splits, the
+    guard caught 0.55 of PGD that way (5th percentile 0.19), 0.93 this way (0.89), FPR alike (mean 0.028, 0.030)."""
     ranked, n = raw.sort(dim=0).values, len(raw)
     rank = (n - 1 - torch.tensor(shares, dtype=torch.float64) * allowed_flags(n, fpr, confidence, check_size)).clamp_min(0)
     below, above = rank.floor().long().to(raw.device), rank.ceil().long().to(raw.device)
