@@ -45,7 +45,8 @@ def measure(model, params, train, x_test: np.ndarray, y_test: np.ndarray, device
     x_all = to_tensor(x_test, device)
     accuracy = float((predict_logits(model, x_all).argmax(1).cpu().numpy() == y_test).mean())
     test_idx, calibration = guard_split(params, x_test, y_test, train.class_names)
-    only = params.model_copy(update={"detect": params.detect.model_copy(update={"guard": ["mahalanobis@released"]})})
+    only = params.model_copy(update={"detect": params.detect.model_copy(
+        update={"guard": ["mahalanobis@released"], "guard_shares": None})})
     guard, _ = build_guard(only, {"released": model, "isolation": model}, train, train.subset(np.arange(0)),
                            calibration, device, len(test_idx))
     x_eval, y_eval = x_all[test_idx], torch.from_numpy(y_test[test_idx]).to(device)

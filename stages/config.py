@@ -186,8 +186,8 @@ class DetectParams(Section):
         "over the detectors the guard keeps); null: guard_released_share's split. Must name every detector of guard; "
         "a guard list given without it takes null. "
         "The default trades adversarial inputs for WaNet's: CIFAR-10 subset, guard TPR at FPR <= 5% (weights of net, "
-        "quarantine_probe, probe), 3-round width-4 net: 0.7/0.1/0.2: WaNet 10% 0.914, PGD 0.919 (re-splits 0.899, "
-        "0.906); 2-round width-4 net at 0.55/0.1/0.35: WaNet 0.805, PGD 0.955; without the net (released split): "
+        "quarantine_probe, probe), 3-round width-4 net: 0.7/0.1/0.2: WaNet 10% 0.956, PGD 0.927 (re-splits 0.924, "
+        "0.920); 2-round width-4 net at 0.55/0.1/0.35: WaNet 0.805, PGD 0.955; without the net (released split): "
         "WaNet 0.28, PGD 0.95"
     )
     disagreement_eps: float = Field(0.05, gt=0, le=1, description="guard disagreement: added to both models' "

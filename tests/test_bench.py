@@ -12,8 +12,11 @@ from stages.config import Params
 def test_spread_measures_a_trained_digits_model_against_pgd():
     params, train, x_test, y_test, touched, _ = load_case("digits", "badnets", 0.0)
     assert not len(touched)  # rate 0: the clean recipe
+    default_guard = {k: getattr(Params().detect, k) for k in ("guard", "guard_shares")}  # the CIFAR-10 profile's
+    assert default_guard["guard_shares"] and "mahalanobis@released" not in default_guard["guard_shares"]
     params = params.model_copy(update={"isolate": params.isolate.model_copy(update={"epochs": 2}),
-                                       "unlearn": params.unlearn.model_copy(update={"finetune_epochs": 1})})
+                                       "unlearn": params.unlearn.model_copy(update={"finetune_epochs": 1}),
+                                       "detect": params.detect.model_copy(update=default_guard)})
     model = train_standard(params, train, torch.device("cpu")).eval()
     row = spread.measure(model, params, train, x_test, y_test, torch.device("cpu"))
     assert row["clean_accuracy"] > 0.5  # three epochs learn digits
