@@ -43,7 +43,7 @@ from stages.data import Store, calibration_split, make_store
 from stages.fileio import write_json, write_text
 from stages.gate import attack_success_rate, clean_accuracy
 from stages.detectors import adversarial_examples, auroc, features, robust_z, strip, training_scores
-from stages.guard import calibrate_guard, calibrated_threshold, detector_scales, fit_heads, fpr_shares
+from stages.guard import calibrate_guard, calibrate_scores, calibrated_threshold, fit_heads, fpr_shares
 from stages.isolate import adaptive_selection, choose, fused_suspicion, train_lga
 from stages.models import build_model, model_spec
 from stages.sources import read_source
@@ -240,20 +240,22 @@ def resplit_rates(clean: torch.Tensor, malicious: dict[str, tuple[torch.Tensor, 
     """The shipped guard recalibrated on other calibration/evaluation splits of the test set, as ingest would draw
     them with other seeds: its per-detector scores on every test image (`clean`, [n, detectors]; any positive affine
     rescaling of each column, which the calibration undoes) and on malicious images (attack: (scores, the test index
-    each was made from)). Per split: the scales and threshold from the calibration part (`detector_scales`,
-    `calibrated_threshold`), FPR on the evaluation part's clean images, TPR on the malicious images made from it.
+    each was made from)). Per split: the scales and threshold from the calibration part (`calibrate_scores`, as
+    export calibrates), FPR on the evaluation part's clean images, TPR on the malicious images made from it.
     Returns the mean and spread over the splits."""
     dp = params.detect
     fprs, tprs = [], {name: [] for name in malicious}
     for seed in seeds:
         test_idx, cal_idx = calibration_split(y_test, params.data.calibration_size, seed)
-        centre, scale = detector_scales(clean[cal_idx], shares, dp.guard_fpr, dp.guard_confidence, len(test_idx))
-        score = ((clean - centre) / scale).amax(dim=1).cpu().numpy()
-        threshold = calibrated_threshold(score[cal_idx], dp.guard_fpr, dp.guard_confidence, len(test_idx))
-        fprs.append(float(np.mean(score[test_idx] > threshold)))
+        centre, scale, threshold, _ = calibrate_scores(clean[cal_idx], shares, dp.guard_fpr, dp.guard_confidence,
+                                                       len(test_idx))
+
+        def flagged(scores: torch.Tensor) -> float:  # the guard's rule: its largest scaled score over the threshold
+            return float(np.mean(((scores - centre) / scale).amax(dim=1).cpu().numpy() > threshold))
+
+        fprs.append(flagged(clean[test_idx]))
         for name, (bad, made_from) in malicious.items():
-            held_out = np.isin(made_from, test_idx)
-            tprs[name].append(float(np.mean(((bad[held_out] - centre) / scale).amax(dim=1).cpu().numpy() > threshold)))
+            tprs[name].append(flagged(bad[np.isin(made_from, test_idx)]))
     return {"splits": len(fprs), "fpr_mean": round(float(np.mean(fprs)), 4),
             "fpr_p95": round(float(np.quantile(fprs, 0.95)), 4),
             "fpr_over_target": round(float(np.mean(np.array(fprs) > dp.guard_fpr)), 4),

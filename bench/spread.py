@@ -24,7 +24,7 @@ from bench.defense import EPS, PGD_STEPS, PROFILES, ROOT, detection_rates, guard
 from stages.config import Params
 from stages.detectors import adversarial_examples
 from stages.fileio import write_json, write_text
-from stages.guard import build_guard, calibrated_threshold
+from stages.guard import build_guard
 from stages.train import predict_logits, to_tensor
 
 
@@ -47,14 +47,13 @@ def measure(model, params, train, x_test: np.ndarray, y_test: np.ndarray, device
     test_idx, calibration = guard_split(params, x_test, y_test, train.class_names)
     only = params.model_copy(update={"detect": params.detect.model_copy(
         update={"guard": ["mahalanobis@released"], "guard_shares": None})})
-    guard, _ = build_guard(only, {"released": model, "isolation": model}, train, train.subset(np.arange(0)),
-                           calibration, device, len(test_idx))
+    guard, report = build_guard(only, {"released": model, "isolation": model}, train, train.subset(np.arange(0)),
+                                calibration, device, len(test_idx))
     x_eval, y_eval = x_all[test_idx], torch.from_numpy(y_test[test_idx]).to(device)
     x_pgd = adversarial_examples(model, x_eval, y_eval, PGD_STEPS["pgd"], EPS)
     with torch.no_grad():
-        cal, clean, pgd = (guard(x)[0].cpu().numpy() for x in (to_tensor(calibration.x, device), x_eval, x_pgd))
-    threshold = calibrated_threshold(cal, params.detect.guard_fpr, params.detect.guard_confidence, len(test_idx))
-    rates = detection_rates(pgd, clean, threshold)
+        clean, pgd = (guard(x)[0].cpu().numpy() for x in (x_eval, x_pgd))
+    rates = detection_rates(pgd, clean, report["threshold"])
     return {"clean_accuracy": round(accuracy, 4), "pgd_tpr": rates["tpr"], "fpr": rates["fpr"], "pgd_auroc": rates["auroc"]}
 
 

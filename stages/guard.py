@@ -269,6 +269,16 @@ def detector_scales(raw: torch.Tensor, shares: list[float], fpr: float, confiden
     return centre, (kept - centre).clamp_min(1e-6)
 
 
+def calibrate_scores(raw: torch.Tensor, shares: list[float], fpr: float, confidence: float, check_size: int = 0):
+    """The guard's calibration from clean per-detector scores [n, detectors]: each detector's (centre, scale)
+    (`detector_scales`), the threshold on the largest scaled score (`calibrated_threshold`) and the share of these
+    images it flags."""
+    centre, scale = detector_scales(raw, shares, fpr, confidence, check_size)
+    score = ((raw - centre) / scale).amax(dim=1).cpu().numpy()
+    threshold = calibrated_threshold(score, fpr, confidence, check_size)
+    return centre, scale, threshold, float(np.mean(score > threshold))
+
+
 def calibrated_threshold(scores: np.ndarray, fpr: float, confidence: float = 0.5, check_size: int = 0) -> float:
     """A threshold (flag = score > threshold) under which the guard's false-positive rate is at most `fpr` with
     probability `confidence`, from these clean calibration scores: its true rate, or with `check_size` the rate
@@ -368,17 +378,16 @@ def calibrate_guard(params: Params, models: dict[str, nn.Module], heads: dict[st
     # maximum: default digits run, 72 images, mahalanobis's maximum 2.46 times its 95th percentile set the threshold
     # above every triggered digit's disagreement (TPR 0.0; 0.90 at the kept rank, FPR 0.031).
     shares = fpr_shares(entries, dp.guard_released_share, dp.guard_shares)
-    centre, scale = detector_scales(raw, shares, dp.guard_fpr, dp.guard_confidence, check_size)
+    centre, scale, threshold, calibration_fpr = calibrate_scores(raw, shares, dp.guard_fpr, dp.guard_confidence,
+                                                                 check_size)
     guard.centre.copy_(centre)
     guard.scale.copy_(scale)
-    score = guard(x_cal)[0].cpu().numpy()
-    threshold = calibrated_threshold(score, dp.guard_fpr, dp.guard_confidence, check_size)
     guard.threshold.fill_(threshold)
     for d, c, s, share in zip(described, guard.centre.tolist(), guard.scale.tolist(), shares):
         d.update(centre=round(c, 6), scale=round(s, 6), fpr_share=round(share, 4))
     report = {"threshold": threshold, "target_fpr": dp.guard_fpr, "confidence": dp.guard_confidence,
               "check_size": check_size, "n_calibration": len(calibration),
-              "calibration_fpr": float(np.mean(score > threshold)), "calibration_hash": store_hash(calibration),
+              "calibration_fpr": calibration_fpr, "calibration_hash": store_hash(calibration),
               "detectors": described, "left_out": [e for e in dp.guard if e not in entries]}
     return guard, report
 

@@ -13,7 +13,7 @@ from stages.config import Params
 from stages.detectors import (auroc, fit_gaussians, input_spectral, kth_distance, knn_density, mahalanobis, mismatch,
                               spectral, strip)
 from stages.errors import SanitizeError
-from stages.guard import (DisagreementHead, QuarantineKnnHead, build_guard, calibrated_threshold, detector_scales,
+from stages.guard import (DisagreementHead, QuarantineKnnHead, build_guard, calibrate_scores, calibrated_threshold,
                           fpr_shares)
 from stages.isolate import kittler_split, otsu_split
 
@@ -79,12 +79,11 @@ def test_guard_gives_the_released_models_detectors_their_share_of_the_false_posi
     adversarial = torch.from_numpy(np.stack([rng.lognormal(0, 1.5, 2000), rng.normal(2.2, 0.3, 2000)], axis=1))
 
     def rates(cal, shares):
-        centre, scale = detector_scales(cal, shares, 0.05, 0.9)
+        centre, scale, threshold, _ = calibrate_scores(cal, shares, 0.05, 0.9)  # as calibrate_guard does
 
         def score(x):  # the guard's own rule: the largest scaled score
             return ((x - centre) / scale).amax(dim=1).numpy()
 
-        threshold = calibrated_threshold(score(cal), 0.05, 0.9)
         return float(np.mean(score(adversarial) > threshold)), float(np.mean(score(fresh) > threshold))
 
     shared = fpr_shares(["trigger@isolation", "adversarial@released"], 0.7)
