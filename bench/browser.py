@@ -35,8 +35,8 @@ def synthetic_page(folder: Path, n: int, class_names: list[str], ids: list[str] 
     """A review page with n suspects (32x32 RGB PNGs) rendered by the pipeline's own renderer."""
     from PIL import Image
 
-    from stages.config import Params
-    from stages.review_page import render_review_page
+    from sanitizer.config import Params
+    from sanitizer.review_page import render_review_page
 
     rng = np.random.default_rng(seed)
     (folder / "images").mkdir(parents=True, exist_ok=True)
@@ -47,7 +47,7 @@ def synthetic_page(folder: Path, n: int, class_names: list[str], ids: list[str] 
     for k in range(n):
         Image.fromarray(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)).save(folder / f"images/{k:05d}.png")
     manifest = pd.DataFrame({"id": ids, "label": labels, "class_name": [class_names[c] for c in labels],
-                             "rank": np.arange(1, n + 1), "final_loss": losses[:, -1], "suspicion": -np.log(losses).mean(1),
+                             "signal": "isolation:fused", "score": np.linspace(5, 1, n), "rank": np.arange(1, n + 1), "final_loss": losses[:, -1], "suspicion": -np.log(losses).mean(1),
                              "decision": "pending", "quarantined": 1, "note": "", "sha256": "",
                              "image": [f"images/{k:05d}.png" for k in range(n)]})
     scores = pd.DataFrame(losses, columns=epochs)

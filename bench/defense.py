@@ -1,31 +1,25 @@
-"""python -m bench.defense: how well the defense removes each attack, against no defense and the oracle.
+"""python -m bench.defense: how well the shipped defense removes each attack, against no defense and the oracle.
 
-For each dataset, attack and poison rate, with one model and one epoch budget per dataset:
-- none: standard training (cross-entropy, cosine schedule) on the poisoned set for
-  isolate.epochs + unlearn.finetune_epochs epochs, the epochs the defended model trains for;
+Every unit runs the pipeline's own functions (sanitizer.ingestion, sanitizer.pipeline: the ones the stages call)
+on params.yaml as shipped, with a dataset profile from bench/profiles/ (the data, and the budget where it differs)
+and the case's red team. Rows per dataset, attack and poison rate:
+- none: the undefended model (defense.method: off), the same budget;
 - oracle: the same training with every sample the attack touched removed (the floor for ASR);
-- abl: plain ABL (Li et al. 2021): isolate the 1% lowest-loss samples, fine-tune on the rest,
-  gradient ascent on the isolated set at lr 5e-4;
-- abl+adaptive: isolation sized from the loss curves (a separated group refined over the isolation
-  model's features: isolate.refine_k), joint unlikelihood unlearning followed by one repair epoch of
-  clean fine-tuning, and a fresh start of the released model when isolation finds no evidence
-  (unlearn.restart: no_evidence), followed by the trained model's second look (unlearn.recheck), whose
-  flagged samples count as isolated;
-- fused: the same, with the loss fused with the detectors: the pipeline's default for real images;
-- fused+resample: the same, the restarted model trained on randomly sub-pixel-resampled images
-  (unlearn.restart_resample: 0.5), which defuses warping triggers at a cost in clean accuracy;
-- abl+joint (digits): the plain 1% isolation with joint unlearning, the pipeline's default on digits.
-The defenses call the pipeline's own functions (stages.isolate, stages.unlearn); they never see the
-red-team truth, which only the metrics read.
+- abl: plain ABL (defense.method: abl): the 1% lowest-loss samples, gradient ascent;
+- full: the shipped defense (defense.method: full), whose quarantine counts isolation's suspects and the second
+  look's flags alike;
+- detector:<name>: each training-set detector alone ranks and cuts as the loss does (isolation only).
+The guard rows calibrate the shipped guard and each detector alone as export does. The defenses never see the red
+team's truth, which only the metrics read.
 
-Writes bench/results/defense.json (rows: dataset, attack, poison_rate, defense, clean_accuracy, asr,
-isolation_precision, isolation_recall, seconds) and bench/results/defense.md. --quick runs a small
-digits subset into bench/results/quick/. Progress goes to stderr.
+Writes bench/results/defense.json and defense.md, guard.json and guard.md (with their .meta.json). --quick runs a
+small digits subset into bench/results/quick/. Progress goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import copy
 import json
 import os
@@ -37,56 +31,35 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
-from stages.config import Params
-from stages.data import Store, calibration_split, make_store
-from stages.fileio import write_json, write_text
-from stages.gate import attack_success_rate, clean_accuracy
-from stages.detectors import adversarial_examples, auroc, features, robust_z, strip, training_scores
-from stages.guard import calibrate_guard, calibrate_scores, calibrated_threshold, fit_heads, fpr_shares
-from stages.isolate import adaptive_selection, choose, fused_suspicion, train_lga
-from stages.models import build_model, model_spec
-from stages.sources import read_source
-from stages.train import channel_stats, make_optimizer, predict_logits, seed_everything, to_tensor, train_epoch
-from stages.unlearn import restarts, sanitize
+from bench.guard_alternatives import ALL_FAMILIES, ALL_FITTERS, ALL_NEEDS_QUARANTINE
+from sanitizer.config import PARAMS_FILE, Params
+from sanitizer.data import Store, calibration_split, make_store
+from sanitizer.detectors import (STRIP_ALPHA, STRIP_BLENDS, TRAINING_DETECTORS, adversarial_examples, auroc, robust_z,
+                                 strip)
+from sanitizer.fileio import write_json, write_text
+from sanitizer.guard import (GuardSettings, calibrate_guard, calibrate_scores, calibrated_threshold, fit_heads,
+                             fpr_shares, guard_settings)
+from sanitizer.ingestion import ingest
+from sanitizer.isolation import Selection, adaptive_selection, selection_for, train_isolation
+from sanitizer.metrics import attack_success_rate, clean_accuracy
+from sanitizer.models import build_model, model_spec
+from sanitizer.pipeline import defend
+from sanitizer.sources import read_source
+from sanitizer.train import predict_logits, to_tensor, train_settings
+from sanitizer.unlearning import sanitize, unlearning_for
 
 ROOT = Path(__file__).resolve().parents[1]
-CIFAR_SUBSET = "../shared/data/cifar10_subset.npz"  # relative to the project root, where the benchmark runs
+PROFILE_DIR = ROOT / "bench" / "profiles"
 ATTACKS = ["badnets", "blend", "sig", "wanet"]
 RATES = [0.01, 0.05, 0.10]
+DEFENSES = ["abl", "full"]  # defense.method values benchmarked beside none and oracle
 KEYS = ["dataset", "attack", "poison_rate", "defense", "clean_accuracy", "asr", "isolation_precision",
         "isolation_recall", "seconds"]
-
-# One model and epoch budget per dataset, sized so the full benchmark fits in an hour on 2 CPU cores. Half of
-# the test split calibrates the guard (the fewer calibration images, the more margin its FPR bound needs:
-# measured, BadNets 10% TPR 0.93 with a fifth, 1.00 with half); clean accuracy and ASR use the whole split.
-PROFILES = {
-    "digits": {"data": {"source": "digits", "calibration_size": 0.5}, "model": {"width": 32},
-               "isolate": {"epochs": 20}, "unlearn": {"finetune_epochs": 10},
-               "detect": {"probe_blocks": 6,  # as params.yaml
-                          "guard": ["disagreement@isolation", "quarantine_knn@isolation", "probe@released"]}},
-    # CIFAR: isolation without augmentation (a flip moves the corner patch; measured: BadNets at 5% not
-    # learned in 10 augmented LGA epochs, learned by epoch 5 without), training with it.
-    "cifar10": {"data": {"source": "npz", "path": CIFAR_SUBSET, "calibration_size": 0.5}, "model": {"width": 16},
-                "train": {"crop_padding": 2, "flip": True},
-                "isolate": {"epochs": 10, "augment": False}, "unlearn": {"finetune_epochs": 6}},
-}
-# The digits rows add abl+joint: it is the pipeline's default on digits (params.yaml).
-DEFAULT_DEFENSES = {"digits": ["abl", "abl+joint", "abl+adaptive", "fused", "fused+resample"],
-                    "cifar10": ["abl", "abl+adaptive", "fused", "fused+resample"]}
-# Each defense is a set of overrides on the profile; plain ABL stays reachable as settings.
-DEFENSES = {
-    "abl": {"isolate": {"selection": "ratio", "ratio": 0.01}, "detect": {"fusion": []},
-            "unlearn": {"mode": "ascent", "lr": 5e-4, "epochs": 20, "restart": "never", "repair_epochs": 0}},
-    "abl+joint": {"isolate": {"selection": "ratio", "ratio": 0.01}, "detect": {"fusion": []}, "unlearn": {"mode": "joint"}},
-    "abl+adaptive": {"isolate": {"selection": "adaptive"}, "detect": {"fusion": []}, "unlearn": {"mode": "joint"}},
-    # The pipeline's default for real images: adaptive isolation ranked by the loss fused with detectors.
-    "fused": {"isolate": {"selection": "adaptive"}, "unlearn": {"mode": "joint"}},
-    "fused+resample": {"isolate": {"selection": "adaptive"}, "unlearn": {"mode": "joint", "restart_resample": 0.5}},
-}
-# Each alone: rows "detector:<name>" (isolation only).
-DETECTORS = ["strip", "mahalanobis", "spectral", "knn_density", "input_spectral"]
-# Guard rows for comparison, not shipped by default.
+# Each alone: rows "detector:<name>" (isolation only); the pipeline scores TRAINING_DETECTORS.
+DETECTORS = [*TRAINING_DETECTORS, "spectral", "input_spectral"]
+# Guard rows for comparison, not shipped.
 GUARD_ALTERNATIVES = ["disagreement@isolation", "quarantine_knn@isolation", "quarantine_probe@isolation",
                       "mahalanobis@released", "mahalanobis@isolation", "knn@isolation", "knn@released", "mismatch@released"]
 EPS = 8 / 255  # FGSM and PGD (10 steps of EPS / 4), L-infinity, against the released model
@@ -97,6 +70,10 @@ GUARD_KEYS = ["dataset", "attack", "poison_rate", "detector", "tpr", "fpr", "aur
 RESPLITS = 50
 
 
+def profiles() -> dict[str, dict]:
+    return {f.stem: yaml.safe_load(f.read_text()) or {} for f in sorted(PROFILE_DIR.glob("*.yaml"))}
+
+
 def merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in over.items():
@@ -104,28 +81,35 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def profile_params(dataset: str, attack: str, rate: float, defense: dict | None = None) -> Params:
-    raw = merge(PROFILES[dataset], {"seed": 0, "device": "auto", "redteam": {"attack": attack, "poison_rate": rate}})
-    return Params.model_validate(merge(raw, defense or {}))
+def case_params(dataset: str, attack: str, rate: float, method: str = "full") -> Params:
+    """params.yaml as shipped, the dataset's profile over it, the case's red team and `defense.method`."""
+    shipped = yaml.safe_load((ROOT / PARAMS_FILE).read_text())
+    raw = merge(merge(shipped, profiles()[dataset]), {"redteam": {"attack": attack, "poison_rate": rate},
+                                                     "defense": {"method": method}, "device": "auto"})
+    return Params.model_validate(raw)
+
+
+def budget(dataset: str) -> dict:
+    """What the profile changes of params.yaml's model and training budget (empty: the shipped budget)."""
+    profile = profiles()[dataset]
+    return {k: profile[k] for k in ("model", "train") if k in profile}
 
 
 def load_case(dataset: str, attack: str, rate: float):
-    """(poisoned train store, test images, test labels, truth index of every touched sample, backdoor index)."""
-    from stages.triggers import poison
-
-    params = profile_params(dataset, attack, rate)
+    """The case as ingest prepares it: (params, ingested data, whole test split x and y, touched indices, backdoor
+    indices). Clean accuracy and ASR are measured on the whole test split."""
+    params = case_params(dataset, attack, rate)
+    data = ingest(params)
     source = read_source(params.data.source, params.data.path, params.data.test_size, params.seed)
-    n_classes = int(max(source.train.y.max(), source.test.y.max())) + 1
-    x, labels, roles = poison(source.train.x, source.train.y, params.redteam, params.seed)
-    train = make_store(x, labels, source.train.ids, [str(c) for c in range(n_classes)])
-    touched = np.array(sorted(roles), dtype=np.int64)
-    backdoor = np.array(sorted(i for i, r in roles.items() if r == "backdoor"), dtype=np.int64)
-    return params, train, source.test.x, source.test.y, touched, backdoor
+    position = {sample_id: k for k, sample_id in enumerate(data.train.ids)}
+    touched = np.array(sorted(position[r[0]] for r in data.truth_rows), dtype=np.int64)
+    backdoor = np.array(sorted(position[r[0]] for r in data.truth_rows if r[-1] == "backdoor"), dtype=np.int64)
+    return params, data, source.test.x, source.test.y.astype(np.int64), touched, backdoor
 
 
 def evaluate(model, params: Params, x_test: np.ndarray, y_test: np.ndarray, device) -> tuple[float, float]:
     """(clean accuracy, ASR) of a torch model, by the gate's own definitions."""
-    from stages.triggers import apply_trigger
+    from sanitizer.triggers import apply_trigger
 
     rt = params.redteam
 
@@ -136,20 +120,12 @@ def evaluate(model, params: Params, x_test: np.ndarray, y_test: np.ndarray, devi
             attack_success_rate(predict, x_test, y_test, lambda x: apply_trigger(x, rt.attack, rt), rt.target))
 
 
-def train_standard(params: Params, store: Store, device) -> torch.nn.Module:
-    """Plain supervised training with the same model, augmentation and epoch budget as the defense."""
-    seed_everything(params.seed)
-    mean, std = channel_stats(store.x)
-    model = build_model(model_spec(store.image_shape, len(store.class_names), params.model.width, mean, std)).to(device)
-    x, y = to_tensor(store.x, device), torch.from_numpy(store.labels).to(device)
-    epochs = params.isolate.epochs + params.unlearn.finetune_epochs
-    opt = make_optimizer(model, params.train.lr, params.train)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    gen = torch.Generator(device=device).manual_seed(params.seed)
-    for _ in range(epochs):
-        train_epoch(model, opt, x, y, lambda losses: losses.mean(), params.train.batch_size, gen,
-                    params.train.crop_padding, params.train.flip)
-        sched.step()
+def train_undefended(params: Params, store: Store, rules, spec: dict, device) -> torch.nn.Module:
+    """defense.method: off on `store`: fresh weights, the whole budget, nothing unlearned (unlearning.sanitize)."""
+    off = params.model_copy(update={"defense": params.defense.model_copy(update={"method": "off"})})
+    model = build_model(spec).to(device)
+    sanitize(model, off, unlearning_for(off), train_settings(off, rules), store, store.subset(np.arange(0)), device,
+             None)
     return model
 
 
@@ -173,81 +149,58 @@ def run_task(task: tuple) -> tuple[list[dict], list[dict], dict | None]:
     """One unit of work: (dataset, attack, rate, kind), kind "none", "oracle", "defenses" or "adversarial"
     (a clean training set; FGSM and PGD on the released model). Returns (defense rows, guard rows, the
     guard's cost or None)."""
-    dataset, attack, rate, kind, defenses, threads = task
+    dataset, attack, rate, kind, threads = task
     torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    params, train, x_test, y_test, touched, backdoor = load_case(dataset, attack, rate)
-    case = (dataset, attack, rate)
+    params, data, x_test, y_test, touched, backdoor = load_case(dataset, attack, rate)
+    train, rules, case = data.train, data.rules, (dataset, attack, rate)
     t0 = time.perf_counter()
     if kind in ("none", "oracle"):
+        from sanitizer.train import channel_stats
+
+        spec = model_spec(train.image_shape, len(train.class_names), params.model.width, *channel_stats(train.x))
         keep = np.setdiff1d(np.arange(len(train)), touched) if kind == "oracle" else np.arange(len(train))
-        model = train_standard(params, train.subset(keep), device)
+        model = train_undefended(params, train.subset(keep), rules, spec, device)
         return [row(case, kind, *evaluate(model, params, x_test, y_test, device), None, None,
                     time.perf_counter() - t0)], [], None
 
     rows, guard_rows, cost = [], [], None
-    lga_model, _, history = train_lga(params, train, device)
+    isolation = train_isolation(params, train, rules, device, DETECTORS)
     isolation_seconds = time.perf_counter() - t0
-    signals, detect_seconds = {}, {}
-    x, y = to_tensor(train.x, device), torch.from_numpy(train.labels).to(device)
-    penultimate = features(lga_model, x)[-1]  # isolate.refine_k's feature space
-    for name in DETECTORS:
-        t1 = time.perf_counter()
-        signals[name] = training_scores(lga_model, x, y, [name], params.detect, params.seed)[name].cpu().numpy()
-        detect_seconds[name] = time.perf_counter() - t1
     if kind == "defenses":
-        for name in DETECTORS:  # each detector alone ranks and cuts, as the loss does in abl+adaptive
-            score = -robust_z(torch.as_tensor(signals[name], dtype=torch.float64)).numpy()
-            isolated, _ = adaptive_selection(score, train.labels, train.ids, params.isolate)
-            rows.append(row(case, f"detector:{name}", None, None, *isolation_quality(isolated, backdoor),
-                            detect_seconds[name]))
-    sanitized = {}  # sanitize is deterministic: variants that isolate the same samples share one run (and its seconds)
-    for name in (defenses if kind == "defenses" else ["fused"]):
+        plain = selection_for(params, rules)
+        for name in DETECTORS:  # each detector alone ranks and cuts, as the loss does in the adaptive selection
+            score = -robust_z(torch.as_tensor(isolation.signals[name], dtype=torch.float64)).numpy()
+            chosen, _ = adaptive_selection(score, train.labels, train.ids, Selection(plain.ratio, plain.max_ratio))
+            rows.append(row(case, f"detector:{name}", None, None, *isolation_quality(chosen, backdoor),
+                            isolation.seconds["detect_seconds"]))  # all detectors together
+    for method in (DEFENSES if kind == "defenses" else ["full"]):
         t1 = time.perf_counter()
-        p = profile_params(dataset, attack, rate, DEFENSES[name])
-        fused = fused_suspicion(history, signals, p.detect.fusion)
-        isolated, _, report = choose(history, train, p.isolate, fused, penultimate)
-        kept = np.setdiff1d(np.arange(len(train)), isolated)
-        key = sanitize_key(p, isolated, report["evidence"])
-        model, fresh = copy.deepcopy(lga_model), key not in sanitized
-        if fresh:
-            t2 = time.perf_counter()
-            _, unlearned = sanitize(model, p, train.subset(kept), train.subset(isolated), device,
-                                    evidence=report["evidence"])
-            sanitized[key] = (copy.deepcopy(model.state_dict()), unlearned, time.perf_counter() - t2)
-        else:
-            model.load_state_dict(sanitized[key][0])
-        _, unlearned, sanitize_seconds = sanitized[key]
-        # The suspects: isolated, and those unlearn's recheck flagged in the clean set (as the pipeline's guard sees them).
-        suspects = np.union1d(isolated, kept[unlearned.get("recheck", {}).get("flagged", [])]).astype(np.int64)
-        ca, asr = evaluate(model, p, x_test, y_test, device)
-        extra = sum(detect_seconds[d] for d in p.detect.fusion)
-        # This variant's own cost, as if it ran alone: isolation, its detectors, selection, sanitize and evaluation.
-        own = time.perf_counter() - t1 + (0.0 if fresh else sanitize_seconds)
+        p = case_params(dataset, attack, rate, method)
+        defended = defend(p, train, rules, device, isolation)
+        quarantined = np.flatnonzero(np.isin(train.ids, defended.quarantined.ids))
+        ca, asr = evaluate(defended.model, p, x_test, y_test, device)
         if kind == "defenses":
-            rows.append(row(case, name, ca, asr, *isolation_quality(suspects, backdoor), isolation_seconds + extra + own))
-        if name == "fused":
-            clean = train.subset(np.setdiff1d(np.arange(len(train)), suspects))
-            guard_rows, cost = guard_benchmark(p, case, model, lga_model, clean, train.subset(suspects), x_test, y_test,
-                                               device, kind)
-    cost = cost and {**cost, "isolate_seconds": round(isolation_seconds, 1),
-                     "detect_seconds": {k: round(v, 1) for k, v in detect_seconds.items()}}
+            rows.append(row(case, method, ca, asr, *isolation_quality(quarantined, backdoor),
+                            isolation_seconds + time.perf_counter() - t1))
+        if method == "full":
+            guard_rows, cost = guard_benchmark(p, rules, case, defended, x_test, y_test, device, kind)
+            cost = {**cost, **isolation.seconds, "second_look": defended.look is not None}
     return rows, guard_rows, cost
 
 
 def resplit_rates(clean: torch.Tensor, malicious: dict[str, tuple[torch.Tensor, np.ndarray]], y_test: np.ndarray,
-                  params: Params, shares: list[float], seeds: range) -> dict:
+                  params: Params, g: GuardSettings, shares: list[float], seeds: range) -> dict:
     """The shipped guard recalibrated on other calibration/evaluation splits of the test set, as ingest would draw
     them with other seeds: its per-detector scores on every test image (`clean`, [n, detectors]; any positive affine
     rescaling of each column, which the calibration undoes) and on malicious images (attack: (scores, the test index
     each was made from)). Per split: the scales and threshold from the calibration part (`calibrate_scores`, as
     export calibrates), FPR on the evaluation part's clean images, TPR on the malicious images made from it.
     Returns the mean and spread over the splits."""
-    dp = params.detect
     fprs, tprs = [], {name: [] for name in malicious}
     for seed in seeds:
         test_idx, cal_idx = calibration_split(y_test, params.data.calibration_size, seed)
-        centre, scale, threshold, _ = calibrate_scores(clean[cal_idx], shares, dp.guard_fpr, dp.guard_confidence,
+        centre, scale, threshold, _ = calibrate_scores(clean[cal_idx], shares, g.fpr, g.confidence,
                                                        len(test_idx))
 
         def flagged(scores: torch.Tensor) -> float:  # the guard's rule: its largest scaled score over the threshold
@@ -258,19 +211,9 @@ def resplit_rates(clean: torch.Tensor, malicious: dict[str, tuple[torch.Tensor, 
             tprs[name].append(flagged(bad[np.isin(made_from, test_idx)]))
     return {"splits": len(fprs), "fpr_mean": round(float(np.mean(fprs)), 4),
             "fpr_p95": round(float(np.quantile(fprs, 0.95)), 4),
-            "fpr_over_target": round(float(np.mean(np.array(fprs) > dp.guard_fpr)), 4),
+            "fpr_over_target": round(float(np.mean(np.array(fprs) > g.fpr)), 4),
             "tpr_mean": {name: round(float(np.mean(v)), 4) for name, v in tprs.items()},
             "tpr_min": {name: round(float(np.min(v)), 4) for name, v in tprs.items()}}
-
-
-def sanitize_key(params: Params, isolated: np.ndarray, evidence: str | None) -> tuple:
-    """What `sanitize` reads besides the shared isolation model and store: the isolated samples, the evidence and
-    every params section but the ranking (isolate.selection, detect); restart_resample only when it restarts."""
-    unlearn = params.unlearn.model_dump()
-    if not restarts(params.unlearn.restart, evidence):
-        unlearn.pop("restart_resample")
-    rest = params.model_dump(exclude={"detect": True, "isolate": {"selection"}, "unlearn": True})
-    return isolated.tobytes(), evidence, json.dumps([unlearn, rest], sort_keys=True, default=str)
 
 
 def paired_times(fns, rounds: int = 7) -> list[float]:
@@ -298,23 +241,26 @@ def detection_rates(bad: np.ndarray, clean: np.ndarray, threshold: float) -> dic
             "auroc": round(auroc(torch.from_numpy(bad), torch.from_numpy(clean)), 4)}
 
 
-def guard_benchmark(params: Params, case: tuple, released, isolation, clean: Store, quarantined: Store, x_test, y_test,
-                    device, kind: str) -> tuple[list[dict], dict]:
+def guard_benchmark(params: Params, rules, case: tuple, defended, x_test, y_test, device,
+                    kind: str) -> tuple[list[dict], dict]:
     """The shipped guard and each of its detectors alone (plus STRIP on the isolation model, too costly to
-    ship), calibrated on the calibration split at detect.guard_fpr and measured on the rest of the test
+    ship), calibrated on the calibration split at guard.fpr and measured on the rest of the test
     split: clean images (FPR) against malicious ones (TPR): the red team's triggered non-target images,
     or FGSM / PGD examples of the released model."""
-    from stages.triggers import apply_trigger
+    from sanitizer.triggers import apply_trigger
 
+    clean, quarantined = defended.clean, defended.quarantined
+    released, isolation = defended.model.eval(), defended.isolation.model.eval()
     test_idx, calibration = guard_split(params, x_test, y_test, clean.class_names)
     models = {"released": released, "isolation": isolation}
     # The shipped guard, and each detector alone, the shipped ones and the unshipped alternatives, calibrated the
     # same way: every head fitted once.
-    entries = [*params.detect.guard, *(e for e in GUARD_ALTERNATIVES if e not in params.detect.guard)]
-    wide = params.model_copy(update={"detect": params.detect.model_copy(update={"guard": entries, "guard_shares": None})})
-    heads = fit_heads(wide, models, clean, quarantined, device)
+    g = guard_settings(params, rules)
+    entries = [*g.detectors, *(e for e in GUARD_ALTERNATIVES if e not in g.detectors)]
+    wide = guard_settings(params, rules, entries, None)
+    heads = fit_heads(wide, models, clean, quarantined, device, ALL_FITTERS, ALL_FAMILIES, ALL_NEEDS_QUARANTINE)
     # Calibrated, as export does, for the FPR measured on the evaluation split's clean images.
-    guard, _ = calibrate_guard(params, models, heads, calibration, device, len(test_idx))
+    guard, _ = calibrate_guard(g, models, heads, calibration, device, len(test_idx))
     each, each_report = calibrate_guard(wide, models, heads, calibration, device, len(test_idx))
     entries = [e for e in entries if e not in each_report["left_out"]]
     x_cal, x_eval = to_tensor(calibration.x, device), to_tensor(x_test[test_idx], device)
@@ -331,7 +277,7 @@ def guard_benchmark(params: Params, case: tuple, released, isolation, clean: Sto
         malicious = {attack: to_tensor(apply_trigger(x_test[made_from], attack, rt), device)}
     bank = to_tensor(clean.x[np.random.default_rng(params.seed).permutation(len(clean))[:256]], device)
     scorers = {entry: (lambda xx, j=j: each.detector_scores(xx)[:, j]) for j, entry in enumerate(entries)}
-    scorers["strip@isolation"] = lambda xx: strip(isolation, xx, bank, params.detect.strip_blends, params.detect.strip_alpha)
+    scorers["strip@isolation"] = lambda xx: strip(isolation, xx, bank, STRIP_BLENDS, STRIP_ALPHA)
     scorers["guard"] = lambda xx: guard(xx)[0]
     rows = []
     with torch.no_grad():
@@ -343,8 +289,7 @@ def guard_benchmark(params: Params, case: tuple, released, isolation, clean: Sto
                 cal, clean_scores = wide_cal[:, entries.index(name)], wide_eval[:, entries.index(name)]
             else:
                 cal, clean_scores = scorer(x_cal).cpu().numpy(), scorer(x_eval).cpu().numpy()
-            threshold = calibrated_threshold(cal, params.detect.guard_fpr, params.detect.guard_confidence,
-                                             len(test_idx))
+            threshold = calibrated_threshold(cal, g.fpr, g.confidence, len(test_idx))
             for attack_name, xm in malicious.items():
                 t1 = time.perf_counter()
                 bad = scorer(xm).cpu().numpy()
@@ -367,11 +312,11 @@ def guard_benchmark(params: Params, case: tuple, released, isolation, clean: Sto
         clean_scores[test_idx] = guard.detector_scores(x_eval).double().cpu()
         bad = {name: (torch.cat([guard.detector_scores(xm), guard.detector_scores(cal_malicious[name][0])]).double().cpu(),
                       np.concatenate([made_from, cal_malicious[name][1]])) for name, xm in malicious.items()}
-        shares = fpr_shares([e for e in params.detect.guard if e in heads], params.detect.guard_released_share,
-                            params.detect.guard_shares)
-        resplit = resplit_rates(clean_scores, bad, y_test, params, shares,
+        shares = fpr_shares([e for e in g.detectors if e in heads], g.released_share, g.shares)
+        resplit = resplit_rates(clean_scores, bad, y_test, params, g, shares,
                                 range(params.seed + 1, params.seed + 1 + RESPLITS))
-    model_seconds, guard_seconds = onnx_costs(released, guard, clean.image_shape, x_eval.cpu().numpy(), params.export.opset)
+    model_seconds, guard_seconds = onnx_costs(released, guard, clean.image_shape, x_eval.cpu().numpy(),
+                                               params.advanced.export.opset)
     cost = {"dataset": dataset, "attack": attack, "poison_rate": rate, "images": len(x_eval),
             "model_seconds": round(model_seconds, 4), "guard_seconds": round(guard_seconds, 4),
             "guard_over_model": round(guard_seconds / model_seconds, 2),
@@ -386,8 +331,8 @@ def onnx_costs(released, guard, image_shape, x: np.ndarray, opset: int, batch_si
 
     import onnxruntime as ort
 
-    from stages.export import export_onnx
-    from stages.guard import export_guard
+    from sanitizer.export import export_onnx
+    from sanitizer.guard import export_guard
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
@@ -418,7 +363,8 @@ def reference_throughput(threads: int, seconds: float = 5.0) -> float:
     worker's threads: the machine's speed on the day, so that wall times of runs on other days compare (the same
     code took 46 and 80 minutes on two days, its isolation 50-63 s and 82-94 s a unit)."""
     torch.set_num_threads(threads)
-    model = build_model(model_spec((32, 32, 3), 10, PROFILES["cifar10"]["model"]["width"], [0.5] * 3, [0.25] * 3))
+    width = case_params("cifar10", "badnets", 0.0).model.width
+    model = build_model(model_spec((32, 32, 3), 10, width, [0.5] * 3, [0.25] * 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     gen = torch.Generator().manual_seed(0)
     x, y = torch.rand(128, 3, 32, 32, generator=gen), torch.randint(0, 10, (128,), generator=gen)
@@ -448,8 +394,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "Model and budget per dataset (`none` and `oracle` train for isolate + fine-tune epochs):", ""]
     for name, prof in meta["profiles"].items():
         lines.append(f"- **{name}**: `{json.dumps(prof, sort_keys=True)}`")
-    lines += ["", "Defenses: " + "; ".join(f"**{k}** `{json.dumps(v, sort_keys=True)}`" for k, v in DEFENSES.items()),
-              "", "ASR: triggered test images whose label is not the target, classified as the target. "
+    lines += ["", "Defenses (`defense.method`): **none** (off, all data), **oracle** (off, the touched samples removed), "
+              "**abl** (plain ABL), **full** (the shipped defense; precision and recall count every quarantined "
+              "sample: isolation's and the second look's). ASR: triggered test images whose label is not the target, classified as the target. "
               "Isolation precision/recall count the samples carrying the trigger and the target label "
               "(WaNet's noise-mode samples keep their labels and are not counted).", ""]
     lines += ["| dataset | attack | rate | defense | CA | ASR | iso. precision | iso. recall | seconds |",
@@ -471,16 +418,16 @@ def guard_sort_key(r: dict):
 def guard_markdown(rows: list[dict], costs: list[dict], meta: dict) -> str:
     lines = ["# Guard benchmark", "", f"Machine: {meta['machine']}.", "",
              "Each detector is calibrated on the calibration split of the test set (`data.calibration_size` of "
-             "each class, see the profiles in defense.md) to a false-positive rate of at most `detect.guard_fpr` "
-             f"({Params().detect.guard_fpr}) with probability `detect.guard_confidence` "
-             f"({Params().detect.guard_confidence}) as measured on the rest (the bound takes in the evaluation "
+             "each class) to a false-positive rate of at most `guard.fpr` "
+             f"({Params().guard.fpr}) with probability `advanced.guard.confidence` "
+             f"({Params().advanced.guard.confidence}) as measured on the rest (the bound takes in the evaluation "
              "images' own sampling noise, as export does for the gate's), and measured there: FPR on its clean "
              "images, TPR on "
              "malicious ones (red-team triggered non-target images, or FGSM / PGD, L-inf eps 8/255, PGD 10 steps "
              "of eps/4, against the released model of a clean training run, poison rate 0). `guard` "
-             "is the shipped combination (largest calibrated score of `detect.guard`: each detector at 0 on its "
+             "is the shipped combination (largest calibrated score of its detectors, sanitizer/guard.py SHIPPED: each detector at 0 on its "
              "calibration median, 1 at its own score of the calibration rank of its share of the images the "
-             "threshold may flag, `detect.guard_shares`); the other rows are its detectors alone and unshipped alternatives "
+             "threshold may flag, SHIPPED_SHARES); the other rows are its detectors alone and unshipped alternatives "
              "(`strip@isolation` costs one forward pass per blend).", "",
              "| " + " | ".join(GUARD_KEYS) + " |", "|" + "---|" * len(GUARD_KEYS)]
     lines += ["| " + " | ".join(fmt(r[k]) for k in GUARD_KEYS) + " |" for r in rows]
@@ -511,7 +458,6 @@ def main(argv=None) -> int:
     ap.add_argument("--datasets", default="digits,cifar10")
     ap.add_argument("--attacks", default=",".join(ATTACKS))
     ap.add_argument("--rates", default=",".join(map(str, RATES)))
-    ap.add_argument("--defenses", default=None, help=f"from {', '.join(DEFENSES)} (default: {DEFAULT_DEFENSES})")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                     help="worker processes (each uses cores/jobs torch threads)")
     ap.add_argument("--no-adversarial", action="store_true", help="skip the clean runs for FGSM and PGD")
@@ -524,26 +470,27 @@ def main(argv=None) -> int:
     out = args.out or ROOT / "bench" / "results" / ("quick" if args.quick else "")
     datasets, attacks = args.datasets.split(","), args.attacks.split(",")
     rates = [float(r) for r in args.rates.split(",")]
-    chosen = {d: args.defenses.split(",") if args.defenses else DEFAULT_DEFENSES.get(d, []) for d in datasets}
-    unknown = [d for d in datasets if d not in PROFILES] + [a for a in attacks if a not in ATTACKS] + \
-        [d for names in chosen.values() for d in names if d not in DEFENSES]
+    unknown = [d for d in datasets if d not in profiles()] + [a for a in attacks if a not in ATTACKS]
     if unknown:
-        ap.error(f"unknown dataset, attack or defense: {unknown}")
+        ap.error(f"unknown dataset or attack: {unknown} (datasets: bench/profiles/*.yaml)")
     os.chdir(ROOT)
-    if "cifar10" in datasets and not Path(CIFAR_SUBSET).exists():
-        ap.error(f"{CIFAR_SUBSET} not found: put the CIFAR-10 subset there or pass --datasets digits")
+    for d in datasets:
+        path = profiles()[d].get("data", {}).get("path")
+        if path and not Path(path).exists():
+            ap.error(f"{path} not found: put the {d} data there or leave {d} out of --datasets")
 
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     # The costliest units first, so the pool ends together.
-    tasks = [(d, a, r, kind, chosen[d], threads) for d in datasets for a in attacks for r in rates
+    tasks = [(d, a, r, kind, threads) for d in datasets for a in attacks for r in rates
              for kind in ("defenses",) + (() if args.no_baselines else ("none", "oracle"))]
     if not args.no_adversarial:  # a clean training run per dataset, for FGSM and PGD against its released model
-        tasks += [(d, "badnets", 0.0, "adversarial", ["fused"], threads) for d in datasets]
+        tasks += [(d, "badnets", 0.0, "adversarial", threads) for d in datasets]
     tasks.sort(key=lambda t: (t[0] != "cifar10", t[3] != "defenses"))
     reference = reference_throughput(threads)
     print(f"[bench] reference speed: {reference:,.0f} training images/s", file=sys.stderr, flush=True)
     rows, guard_rows, costs, t0 = [], [], [], time.perf_counter()
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+    # spawn: a forked worker inherits torch's thread pool mid-state and can hang in its first parallel op
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(run_task, t): t for t in tasks}
         for done, future in enumerate(as_completed(futures), 1):
             unit_rows, unit_guard_rows, cost = future.result()
@@ -564,7 +511,8 @@ def main(argv=None) -> int:
     costs.sort(key=lambda c: (c["dataset"], c["attack"], c["poison_rate"]))
     meta = {"machine": machine(), "wall_seconds": round(time.perf_counter() - t0, 1), "jobs": args.jobs,
             "threads": threads,
-            "reference_images_per_second": round(reference), "profiles": {d: PROFILES[d] for d in datasets}}
+            "reference_images_per_second": round(reference), "params": "params.yaml as shipped",
+            "profiles": {d: profiles()[d] for d in datasets}, "budget": {d: budget(d) or "params.yaml's" for d in datasets}}
     write_json(out / "defense.json", rows)
     write_json(out / "defense.meta.json", meta)
     write_text(out / "defense.md", markdown(rows, meta))

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from bench.browser import chromium_missing, launch, synthetic_page
-from stages.fileio import write_json
+from sanitizer.fileio import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ import importlib
 import os
 import sys
 
-STAGES = ("ingest", "isolate", "quarantine", "unlearn", "export", "gate")
+STAGES = ("ingest", "isolate", "recheck", "quarantine", "unlearn", "export", "gate")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,9 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
 
-    from stages.config import SCHEMA_FILE, load_params, schema_json
-    from stages.errors import GateFailed, SanitizeError
-    from stages.fileio import write_text
+    from sanitizer.config import SCHEMA_FILE, load_params, schema_json
+    from sanitizer.errors import GateFailed, SanitizeError
+    from sanitizer.fileio import write_text
 
     if args.command == "schema":
         write_text(SCHEMA_FILE, schema_json())
@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def command(name: str, argv: list[str]) -> int:
     """`review` and `guard`: commands for people, beside the stages."""
-    from stages.errors import SanitizeError
+    from sanitizer.errors import SanitizeError
 
-    entry = importlib.import_module(f"stages.{name}").main
+    entry = importlib.import_module({"review": "sanitizer.review", "guard": "sanitizer.guard_cli"}[name]).main
     try:
         return entry(argv)
     except SanitizeError as err:

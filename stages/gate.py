@@ -9,52 +9,20 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 
-from stages import paths
-from stages.config import Params
-from stages.data import load_store
-from stages.errors import GateFailed, SanitizeError
-from stages.fileio import write_json
-from stages.onnx_io import onnx_predictor
-
-
-def clean_accuracy(predict, images: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean(predict(images) == labels))
-
-
-def attack_success_rate(predict, images: np.ndarray, labels: np.ndarray, trigger, target: int) -> float:
-    """Share of triggered images, true label not the target, classified as the target."""
-    keep = labels != target
-    if not keep.any():
-        return float("nan")
-    return float(np.mean(predict(trigger(images[keep])) == target))
-
-
-def guard_rates(params: Params, test, checks: list) -> dict:
-    """The shipped guard (models/guard.onnx) on the test split: false-positive rate on the clean images and,
-    with a red team, true-positive rate on the triggered non-target ones that ingest wrote; checked by
-    gate.min_guard_tpr."""
-    from stages.guard import onnx_guard
-
-    score, meta = onnx_guard(paths.GUARD_ONNX)
-    out = {"threshold": float(meta.get("threshold", "nan")), "fpr": round(float(np.mean(score(test.x)[1])), 4)}
-    minimum = params.gate.min_guard_tpr
-    if params.redteam.attack:
-        triggered = load_store(paths.REDTEAM_TEST).x
-        out["tpr"] = round(float(np.mean(score(triggered)[1])), 4) if len(triggered) else float("nan")
-    if minimum is not None:
-        if "tpr" not in out:
-            raise SanitizeError("params.yaml: gate.min_guard_tpr is set but redteam.attack is null, so there are no "
-                                "triggered images to measure the guard on; set gate.min_guard_tpr: null")
-        checks.append({"name": "guard_tpr", "value": out["tpr"], "threshold": minimum, "rule": ">=",
-                       "passed": out["tpr"] >= minimum})
-    return out
+from sanitizer import paths
+from sanitizer.config import Params
+from sanitizer.data import load_store
+from sanitizer.errors import GateFailed
+from sanitizer.fileio import write_json
+from sanitizer.guard import guard_rates
+from sanitizer.metrics import attack_success_rate, clean_accuracy
+from sanitizer.onnx_io import onnx_predictor
+from sanitizer.review_page import write_review_page
+from sanitizer.triggers import TRIGGERS  # metrics may know the attack; the defense never does
 
 
 def run(params: Params) -> None:
-    from stages.triggers import TRIGGERS  # metrics may know the attack; the defense never does
-
     test = load_store(paths.TEST_STORE)
     predict = onnx_predictor(paths.ONNX_MODEL)
     gp, rt = params.gate, params.redteam
@@ -75,8 +43,6 @@ def run(params: Params) -> None:
         "asr": asr, "max_asr": gp.max_asr, "target": rt.target if rt.attack else None,
         "n_test": len(test), "guard": guard, "checks": checks,
     })
-    from stages.review_page import write_review_page
-
     if paths.QUARANTINE_CSV.exists():
         write_review_page(params, gate={"passed": passed, "checks": checks, "n_test": len(test)})
     for c in checks:

@@ -1,6 +1,6 @@
-"""ingest: read the source, validate every sample with Great Expectations, hash it, and write the
-canonical tensor store. With a red-team section, poison a share of the training set first and write
-the ground truth to its own file, which only metrics read.
+"""ingest: read the source, validate every sample with Great Expectations, hash it, and write the canonical tensor
+store (data/ingested). With a red team, poison a share of the training set first and write the ground truth to its
+own file, which only metrics read. The data rules (sanitizer/rules.py) are decided here, printed and recorded.
 """
 
 from __future__ import annotations
@@ -8,168 +8,40 @@ from __future__ import annotations
 import sys
 from collections import Counter
 
-import numpy as np
-import pandas as pd
-
-from stages import paths
-from stages.config import Params
-from stages.data import Store, calibration_split, make_store, save_store, store_hash
-from stages.errors import SanitizeError
-from stages.fileio import atomic_dir, write_csv, write_json
-from stages.sources import Source, read_source
-
-
-MAX_INFERRED_CLASSES = 10_000
-
-
-def resolve_class_names(params: Params, source: Source) -> list[str]:
-    if params.data.classes:
-        return list(params.data.classes)
-    if source.class_names:
-        return list(source.class_names)
-    top = int(max(source.train.y.max(), 0))
-    if top >= MAX_INFERRED_CLASSES:
-        i = int(source.train.y.argmax())
-        raise SanitizeError(f"sample {source.train.ids[i]!r} has label {top}: labels must be class indices "
-                            f"0..K-1 (K <= {MAX_INFERRED_CLASSES}); fix the labels or set data.classes")
-    return [str(i) for i in range(top + 1)]
-
-
-def sample_table(store: Store, split: str) -> pd.DataFrame:
-    """One row per sample: the table Great Expectations validates and samples.csv records."""
-    flat = store.x.reshape(len(store), -1)
-    h, w, c = store.image_shape
-    return pd.DataFrame({
-        "id": store.ids, "split": split, "label": store.labels, "height": h, "width": w, "channels": c,
-        "min": flat.min(axis=1), "max": flat.max(axis=1), "mean": flat.mean(axis=1).round(3), "sha256": store.sha256,
-    })
-
-
-def _offenders(table: pd.DataFrame, column: str, values) -> list[str]:
-    return table.loc[table[column].isin(list(values)), "id"].astype(str).tolist()
-
-
-def validate(table: pd.DataFrame, class_names: list[str], label_source: str) -> dict:
-    """Run the expectation suite; raise SanitizeError naming the offending samples on failure."""
-    import great_expectations as gx
-    import great_expectations.expectations as gxe
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    ctx = gx.get_context(mode="ephemeral")
-    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)  # GX ignores TQDM_DISABLE
-    batch_def = (ctx.data_sources.add_pandas(name="samples").add_dataframe_asset(name="samples")
-                 .add_batch_definition_whole_dataframe("all"))
-    suite = ctx.suites.add(gx.ExpectationSuite(name="ingest"))
-    first = table.iloc[0]
-    classes = list(range(len(class_names)))
-    fixes = {
-        "label": f"labels must be class indices 0..{len(classes) - 1} ({label_source}); fix the labels or set data.classes",
-        "height": "all images must share one shape", "width": "all images must share one shape",
-        "channels": "all images must share one number of channels",
-        "min": "pixels must be 0..255", "max": "pixels must be 0..255",
-        "id": "sample ids must be unique",
-    }
-    suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column="label", value_set=classes))
-    for col in ("height", "width", "channels"):
-        suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column=col, value_set=[int(first[col])]))
-    suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(column="min", min_value=0, max_value=255))
-    suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(column="max", min_value=0, max_value=255))
-    suite.add_expectation(gxe.ExpectColumnValuesToBeUnique(column="id"))
-    suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column="sha256"))
-    result = batch_def.get_batch(batch_parameters={"dataframe": table}).validate(suite, result_format="COMPLETE")
-    for r in result.results:
-        if r.success:
-            continue
-        column = r.expectation_config.kwargs.get("column")
-        values = r.result.get("unexpected_list") or []
-        ids = _offenders(table, column, set(values)) if column != "id" else sorted(set(map(str, values)))
-        shown = ", ".join(f"{i!r}" for i in ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
-        raise SanitizeError(
-            f"data validation failed ({r.expectation_config.type} on {column!r}): sample(s) {shown} have "
-            f"{column}={sorted(set(values), key=str)[:5]}; {fixes.get(column, 'fix the source data')}"
-        )
-    return {"success": bool(result.success), **{k: int(v) if isinstance(v, (int, np.integer)) else v
-                                                 for k, v in result.statistics.items()}}
-
-
-def duplicate_report(table: pd.DataFrame) -> dict:
-    """Identical images are reported, not refused: they may be honest, but across splits they leak."""
-    groups = table.groupby("sha256")["id"].apply(list)
-    dups = groups[groups.map(len) > 1]
-    split_of = dict(zip(table["id"], table["split"]))
-    cross = [ids for ids in dups if len({split_of[i] for i in ids}) > 1]
-    for ids in list(dups)[:3]:
-        print(f"[ingest] note: identical images {ids}", file=sys.stderr)
-    return {"duplicate_groups": int(len(dups)), "duplicate_samples": int(sum(map(len, dups))),
-            "train_test_duplicate_groups": len(cross), "examples": [list(g) for g in list(dups)[:5]]}
-
-
-def read_and_validate(params: Params) -> tuple[Store, Store, dict, list[str]]:
-    """Read the source and validate it: (train, test, validation report, reader notes), or SanitizeError."""
-    source = read_source(params.data.source, params.data.path, params.data.test_size, params.seed)
-    class_names = resolve_class_names(params, source)
-    label_source = "data.classes" if params.data.classes else ("class names in the source" if source.class_names
-                                                               else "inferred from the largest train label")
-    train = make_store(source.train.x, source.train.y, source.train.ids, class_names)
-    test = make_store(source.test.x, source.test.y, source.test.ids, class_names)
-    table = pd.concat([sample_table(train, "train"), sample_table(test, "test")], ignore_index=True)
-    validation = validate(table, class_names, label_source)
-    missing = sorted(set(range(len(class_names))) - set(train.labels.tolist()))
-    if missing:
-        raise SanitizeError(f"data validation failed: class(es) {[class_names[i] for i in missing]} have no training "
-                            f"samples; add samples or fix the class list ({label_source})")
-    return train, test, {**validation, "duplicates": duplicate_report(table)}, source.notes
-
-
-def redteam_test_set(test: Store, params: Params) -> Store:
-    """Test images whose label is not the target, triggered and labelled as the target: accuracy on
-    this set is the ASR. Written for metrics (the unlearning curve); the defense never reads it."""
-    from stages.triggers import apply_trigger
-
-    rt = params.redteam
-    keep = np.flatnonzero(test.labels != rt.target)
-    x = apply_trigger(test.x[keep], rt.attack, rt)
-    return make_store(x, np.full(len(keep), rt.target), test.ids[keep], test.class_names)
+from sanitizer import paths
+from sanitizer.config import Params
+from sanitizer.data import save_store, store_hash
+from sanitizer.fileio import atomic_dir, write_csv, write_json
+from sanitizer.ingestion import ingest, redteam_test_set
 
 
 def run(params: Params) -> None:
-    train, test, validation, notes = read_and_validate(params)
-    class_names = list(train.class_names)
-    rt = params.redteam
-    if rt.attack and rt.target >= len(class_names):
-        raise SanitizeError(f"params.yaml: redteam.target={rt.target} is not a class index (0..{len(class_names) - 1})")
-
-    truth_rows = []
-    if rt.attack and rt.poison_rate > 0:
-        from stages.triggers import poison  # red-team simulation only; the defense never sees this
-
-        x, labels, roles = poison(train.x, train.labels, rt, params.seed)
-        truth_rows = [(train.ids[i], int(train.labels[i]), rt.attack, rt.target, role)
-                      for i, role in sorted(roles.items())]
-        train = make_store(x, labels, train.ids, class_names)
-    table = pd.concat([sample_table(train, "train"), sample_table(test, "test")], ignore_index=True)
-    # Validated as one test split, then split: the guard is calibrated on data no stage trains on and
-    # the gate does not score.
-    kept, held = calibration_split(test.labels, params.data.calibration_size, params.seed)
-    test, calibration = test.subset(kept), test.subset(held)
-
+    data = ingest(params)
+    train, test, calibration, rules, evidence = data.train, data.test, data.calibration, data.rules, data.evidence
     with atomic_dir(paths.INGESTED) as out:
         save_store(out / paths.TRAIN_STORE.name, train)
         save_store(out / paths.TEST_STORE.name, test)
         save_store(out / paths.CALIBRATION_STORE.name, calibration)
-        table.to_csv(out / paths.SAMPLES_CSV.name, index=False)
-        if rt.attack:
+        data.table.to_csv(out / paths.SAMPLES_CSV.name, index=False)
+        if params.redteam.attack:
             save_store(out / paths.REDTEAM_TEST.name, redteam_test_set(test, params))
         write_csv(out / paths.REDTEAM_TRUTH.name, ["id", "original_label", "attack", "target", "role"],
-                  truth_rows)
-    counts = Counter(train.labels.tolist())
+                  data.truth_rows)
+        write_json(out / paths.RULES_JSON.name, {"rules": rules.as_dict(), "evidence": evidence})
+    counts, class_names = Counter(train.labels.tolist()), list(train.class_names)
+    roles = Counter(row[-1] for row in data.truth_rows)
     write_json(paths.metrics_file("ingest"), {
         "n_train": len(train), "n_test": len(test), "n_calibration": len(calibration), "n_classes": len(class_names),
         "image_shape": list(train.image_shape), "data_hash": store_hash(train),
         "train_class_counts": {class_names[k]: counts[k] for k in sorted(counts)},
-        "validation": validation, "notes": notes,
-        "redteam_poisoned": sum(1 for row in truth_rows if row[-1] == "backdoor"),
-        "redteam_noise_mode": sum(1 for row in truth_rows if row[-1] == "noise"),
+        "validation": data.validation, "notes": data.notes, "data_rules": {**rules.as_dict(), **evidence},
+        "redteam_poisoned": roles["backdoor"], "redteam_noise_mode": roles["noise"],
     })
     print(f"[ingest] {len(train)} train / {len(test)} test / {len(calibration)} calibration samples, "
-          f"{len(class_names)} classes, {len(truth_rows)} modified by the red team ({rt.attack})", file=sys.stderr)
+          f"{len(class_names)} classes, {len(data.truth_rows)} modified by the red team ({params.redteam.attack})",
+          file=sys.stderr)
+    print(f"[ingest] data rules: isolation {rules.isolation}, {'with' if rules.augment_isolation else 'without'} "
+          f"augmentation (nearest-class-mean accuracy {evidence['nearest_mean_accuracy']:.2f}); flips "
+          f"{'on' if rules.flip else 'off'} (mirrored images keep {evidence['mirrored_accuracy_kept']:.0%} of it); "
+          f"crop padding {rules.crop_padding}; guard probes read the last {rules.probe_blocks} conv blocks",
+          file=sys.stderr)

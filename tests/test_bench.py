@@ -5,45 +5,41 @@ from __future__ import annotations
 import torch
 
 from bench import spread
-from bench.defense import load_case, train_standard
-from stages.config import Params
+from bench.defense import ROOT, budget, case_params, load_case, profiles, train_undefended
+from sanitizer.config import Params
 
 
 def test_spread_measures_a_trained_digits_model_against_pgd():
-    params, train, x_test, y_test, touched, _ = load_case("digits", "badnets", 0.0)
+    from sanitizer.models import model_spec
+    from sanitizer.train import channel_stats
+
+    params, data, x_test, y_test, touched, _ = load_case("digits", "badnets", 0.0)
     assert not len(touched)  # rate 0: the clean recipe
-    default_guard = {k: getattr(Params().detect, k) for k in ("guard", "guard_shares")}  # the CIFAR-10 profile's
-    assert default_guard["guard_shares"] and "mahalanobis@released" not in default_guard["guard_shares"]
-    params = params.model_copy(update={"isolate": params.isolate.model_copy(update={"epochs": 2}),
-                                       "unlearn": params.unlearn.model_copy(update={"finetune_epochs": 1}),
-                                       "detect": params.detect.model_copy(update=default_guard)})
-    model = train_standard(params, train, torch.device("cpu")).eval()
-    row = spread.measure(model, params, train, x_test, y_test, torch.device("cpu"))
+    params = params.model_copy(update={"train": params.train.model_copy(update={"isolate_epochs": 2,
+                                                                                "finetune_epochs": 1})})
+    train = data.train
+    spec = model_spec(train.image_shape, 10, params.model.width, *channel_stats(train.x))
+    model = train_undefended(params, train, data.rules, spec, torch.device("cpu")).eval()
+    row = spread.measure(model, params, data.rules, train, x_test, y_test, torch.device("cpu"))
     assert row["clean_accuracy"] > 0.5  # three epochs learn digits
     assert 0 <= row["fpr"] <= 1 and 0 <= row["pgd_tpr"] <= 1 and row["pgd_auroc"] > 0.5  # PGD moves the activations
+    confidence = Params().advanced.guard.confidence
     text = spread.markdown([{"dataset": "digits", "seed": 0, **row, "seconds": 1.0}],
-                           {"machine": "test", "guard_fpr": 0.05, "guard_confidence": Params().detect.guard_confidence})
-    assert f"{Params().detect.guard_confidence:.0%} confidence" in text
+                           {"machine": "test", "guard_fpr": 0.05, "guard_confidence": confidence})
+    assert f"{confidence:.0%} confidence" in text
 
 
-def test_variants_share_a_sanitize_run_only_where_sanitize_reads_the_same():
-    import numpy as np
+def test_the_benchmark_runs_params_yaml_as_shipped():
+    """Only the data (and, where a profile says so, the budget) differ from what a user runs."""
+    from sanitizer.config import load_params
 
-    from bench.defense import DEFENSES, profile_params, sanitize_key
-
-    isolated = np.array([3, 5, 8])
-    adaptive, fused, resample = (profile_params("cifar10", "wanet", 0.1, DEFENSES[name])
-                                 for name in ("abl+adaptive", "fused", "fused+resample"))
-    # The ranking (detect.fusion) differs; with the same samples isolated, sanitize runs the same.
-    assert sanitize_key(adaptive, isolated, "group") == sanitize_key(fused, isolated, "group")
-    # Sub-pixel resampling only trains a restarted model: it matters after no evidence, not after a group.
-    assert sanitize_key(fused, isolated, "group") == sanitize_key(resample, isolated, "group")
-    assert sanitize_key(fused, isolated, "none") != sanitize_key(resample, isolated, "none")
-    # Other samples, other evidence or other unlearning settings: a run of its own.
-    assert sanitize_key(fused, isolated, "group") != sanitize_key(fused, np.array([3, 5, 9]), "group")
-    assert sanitize_key(fused, isolated, "group") != sanitize_key(fused, isolated, "weak")
-    plain = profile_params("cifar10", "wanet", 0.1, DEFENSES["abl"])
-    assert sanitize_key(plain, isolated, None) != sanitize_key(fused, isolated, None)  # ascent against joint
+    shipped = load_params(ROOT / "params.yaml").model_dump()
+    for dataset in profiles():
+        for method in ("full", "abl", "off"):
+            case = case_params(dataset, "wanet", 0.05, method).model_dump()
+            assert case["redteam"]["attack"] == "wanet" and case["defense"]["method"] == method
+            differs = {k for k in shipped if case[k] != shipped[k]} - {"data", "redteam", "defense", "device"}
+            assert differs <= set(budget(dataset)), (dataset, differs)
 
 
 def test_resplits_recalibrate_the_guard_on_other_splits_of_the_test_set():
@@ -54,17 +50,21 @@ def test_resplits_recalibrate_the_guard_on_other_splits_of_the_test_set():
     gen = torch.Generator().manual_seed(0)
     clean = torch.randn(1000, 2, generator=gen, dtype=torch.float64)
     y = np.arange(1000) % 10
+    from sanitizer.guard import guard_settings
+    from sanitizer.rules import DataRules
+
     params = Params.model_validate({"data": {"calibration_size": 0.5}})
+    g = guard_settings(params, DataRules(1, False, 6, "share", True))
     made_from = np.arange(1000)
     # Malicious images scoring as their clean originals: flagged exactly as often as clean evaluation images, which
     # holds only if each split counts the ones made from its own evaluation part.
-    same = resplit_rates(clean, {"copy": (clean.clone(), made_from), "far": (clean + 10, made_from)}, y, params,
+    same = resplit_rates(clean, {"copy": (clean.clone(), made_from), "far": (clean + 10, made_from)}, y, params, g,
                          [0.5, 0.5], range(1, 21))
     assert same["splits"] == 20
     assert same["tpr_mean"]["copy"] == same["fpr_mean"] and same["tpr_mean"]["far"] == 1.0
-    assert 0.01 < same["fpr_mean"] < params.detect.guard_fpr  # the bound holds on average, with its margin
+    assert 0.01 < same["fpr_mean"] < g.fpr  # the bound holds on average, with its margin
     # Each column on any positive affine scale: the calibration undoes it.
     rescaled = clean * torch.tensor([3.0, 0.5], dtype=torch.float64) + torch.tensor([1.0, -7.0], dtype=torch.float64)
     again = resplit_rates(rescaled, {"copy": (rescaled.clone(), made_from), "far": (rescaled + 50, made_from)}, y,
-                          params, [0.5, 0.5], range(1, 21))
+                          params, g, [0.5, 0.5], range(1, 21))
     assert again["fpr_mean"] == same["fpr_mean"] and again["fpr_p95"] == same["fpr_p95"]

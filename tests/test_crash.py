@@ -14,13 +14,13 @@ import time
 import pytest
 
 from conftest import copy_project, set_params, tool_env
-from stages import ingest, isolate, quarantine
-from stages.config import load_params
-from stages.data import load_store, store_hash
+from stages import ingest, isolate, quarantine, recheck
+from sanitizer.config import load_params
+from sanitizer.data import load_store, store_hash
 
 WRITER = textwrap.dedent("""
     import hashlib, os
-    from stages.fileio import atomic_dir, write_bytes
+    from sanitizer.fileio import atomic_dir, write_bytes
     # Rewrite a 4 MB file and a directory forever; each version ends with the sha256 of its payload.
     for version in range(10**9):
         payload = os.urandom(4 << 20)
@@ -55,7 +55,7 @@ def test_stage_killed_mid_training_keeps_previous_outputs(pipeline, tmp_path):
     project = tmp_path / "p"
     shutil.copytree(pipeline, project)
     before = {p: p.read_bytes() for p in [*(project / "data/isolate").iterdir(), project / "models/isolate.pt"]}
-    set_params(project, **{"isolate.epochs": 500, "seed": 7})
+    set_params(project, **{"train.isolate_epochs": 500, "seed": 7})
     proc = subprocess.Popen([sys.executable, "-m", "stages", "isolate"], cwd=project, env=tool_env(),
                             stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
@@ -69,9 +69,9 @@ def test_stage_killed_mid_training_keeps_previous_outputs(pipeline, tmp_path):
 
 def run_front(project, monkeypatch):
     monkeypatch.chdir(project)
-    set_params(project, **{"isolate.epochs": 4})
+    set_params(project, **{"train.isolate_epochs": 4})
     params = load_params()
-    for stage in (ingest, isolate, quarantine):
+    for stage in (ingest, isolate, recheck, quarantine):
         stage.run(params)
     ids = (project / "data/isolate/isolated.csv").read_text()
     return ids, store_hash(load_store(project / "data/clean/train.npz"))

@@ -1,4 +1,4 @@
-"""Detectors (stages/detectors.py), the within-class cut, fusion, and the guard shipped with the model."""
+"""Detectors (sanitizer/detectors.py), the within-class cut, fusion, and the guard shipped with the model."""
 
 from __future__ import annotations
 
@@ -8,14 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import set_params, stage_cli
-from stages.config import Params
-from stages.detectors import (auroc, fit_gaussians, input_spectral, kth_distance, knn_density, mahalanobis, mismatch,
+from conftest import stage_cli
+from sanitizer.config import Params
+from sanitizer.detectors import (auroc, fit_gaussians, input_spectral, kth_distance, knn_density, mahalanobis, mismatch,
                               spectral, strip)
-from stages.errors import SanitizeError
-from stages.guard import (DisagreementHead, QuarantineKnnHead, build_guard, calibrate_scores, calibrated_threshold,
-                          fpr_shares)
-from stages.isolate import kittler_split, otsu_split
+from sanitizer.errors import SanitizeError
+from bench.guard_alternatives import (ALL_FAMILIES, ALL_FITTERS, ALL_NEEDS_QUARANTINE, DisagreementHead,
+                                     QuarantineKnnHead)
+from sanitizer.guard import (SHIPPED, SHIPPED_SHARES, build_guard, calibrate_guard, calibrate_scores,
+                             calibrated_threshold, fit_heads, fpr_shares, guard_settings)
+from sanitizer.rules import DataRules
+from sanitizer.train import TrainSettings
+
+DIGITS_RULES = DataRules(crop_padding=1, flip=False, probe_blocks=6, isolation="share", augment_isolation=True)
+from sanitizer.isolation import kittler_split, otsu_split
 
 
 def test_kittler_cut_keeps_the_few_clean_samples_of_a_class_the_poison_fills():
@@ -114,9 +120,9 @@ def test_feature_and_activation_detectors_rank_the_planted_outliers_first():
 def test_input_spectral_finds_a_trigger_added_to_a_few_real_digits_of_one_label_without_a_model(attack):
     from sklearn.datasets import load_digits
 
-    from stages.config import RedteamParams
-    from stages.train import to_tensor
-    from stages.triggers import apply_trigger
+    from sanitizer.config import RedteamParams
+    from sanitizer.train import to_tensor
+    from sanitizer.triggers import apply_trigger
 
     digits = load_digits()
     x = np.rint(digits.images * (255 / 16)).astype(np.uint8)[..., None]
@@ -185,8 +191,8 @@ def test_disagreement_flags_inputs_the_isolation_model_sends_to_the_implicated_l
 
 
 def test_guard_leaves_the_quarantine_detectors_out_when_nothing_is_quarantined():
-    from stages.data import make_store
-    from stages.models import build_model, model_spec
+    from sanitizer.data import make_store
+    from sanitizer.models import build_model, model_spec
 
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, (60, 8, 8, 1), dtype=np.uint8), np.arange(60) % 3
@@ -196,13 +202,15 @@ def test_guard_leaves_the_quarantine_detectors_out_when_nothing_is_quarantined()
 
     model = build_model(model_spec((8, 8, 1), 3, 8, [0.5], [0.25])).eval()
     models, empty = {"released": model, "isolation": model}, store(np.arange(0))
-    entries = ["disagreement@isolation", "quarantine_knn@isolation", *Params().detect.guard, "mismatch@released"]
-    params = Params.model_validate({"detect": {"guard": entries}})
-    guard, report = build_guard(params, models, store(np.arange(40)), empty, store(np.arange(40, 60)), torch.device("cpu"))
+    entries = ["disagreement@isolation", "quarantine_knn@isolation", *SHIPPED, "mismatch@released"]
+    settings = guard_settings(Params(), DIGITS_RULES, entries, None)
+    heads = fit_heads(settings, models, store(np.arange(40)), empty, torch.device("cpu"), ALL_FITTERS, ALL_FAMILIES,
+                      ALL_NEEDS_QUARANTINE)
+    guard, report = calibrate_guard(settings, models, heads, store(np.arange(40, 60)), torch.device("cpu"))
     assert report["left_out"] == ["disagreement@isolation", "quarantine_knn@isolation", "quarantine_net@input",
                                   "quarantine_probe@released"]
     assert [d["detector"] for d in report["detectors"]] == ["probe", "mismatch"] and len(guard.heads) == 2
-    only = Params.model_validate({"detect": {"guard": ["quarantine_knn@isolation"]}})
+    only = guard_settings(Params(), DIGITS_RULES, ["quarantine_net@input"], None)
     with pytest.raises(SanitizeError, match="quarantine is empty"):
         build_guard(only, models, store(np.arange(40)), empty, store(np.arange(40, 60)), torch.device("cpu"))
 
@@ -225,19 +233,14 @@ def test_strip_flags_inputs_that_keep_their_prediction_under_blending():
     assert auroc(s_trig, s_clean) == 1.0
 
 
-def test_fusion_must_name_scored_detectors():
-    with pytest.raises(ValueError, match="detect.fusion"):
-        Params.model_validate({"detect": {"training": ["strip"], "fusion": ["knn_density"]}})
-
-
 def test_pipeline_writes_detector_scores_and_a_calibrated_guard(pipeline):
     import onnxruntime as ort
 
-    from stages.data import load_store, store_hash
-    from stages.guard import onnx_guard
+    from sanitizer.data import load_store, store_hash
+    from sanitizer.guard import onnx_guard
 
     scores = (pipeline / "data/isolate/scores.csv").read_text().splitlines()[0].split(",")
-    # The digits default ranks by the loss alone (detect.fusion: []): the detectors are scored, nothing is fused.
+    # Digits are easy data (sanitizer/rules.py): isolation ranks by the loss alone; the detectors are scored all the same.
     assert {"strip", "mahalanobis", "knn_density"} <= set(scores) and "fused" not in scores
     assert "knn_density" in (pipeline / "data/quarantine/quarantine.csv").read_text().splitlines()[0]
 
@@ -247,7 +250,7 @@ def test_pipeline_writes_detector_scores_and_a_calibrated_guard(pipeline):
     calibration = load_store(pipeline / "data/ingested/calibration.npz")
     assert meta["calibration_hash"] == store_hash(calibration)
     assert [(d["detector"], d["model"]) for d in json.loads(meta["detectors"])] == \
-        [("disagreement", "isolation against released"), ("quarantine_knn", "isolation"), ("probe", "released")]
+        [("quarantine_net", "input"), ("quarantine_probe", "released"), ("probe", "released")]
     score, flag = guard(calibration.x)
     assert flag.mean() <= 0.05 and np.array_equal(flag, score > float(meta["threshold"]))
     for batch in (1, 7):  # dynamic batch axis
@@ -257,20 +260,21 @@ def test_pipeline_writes_detector_scores_and_a_calibrated_guard(pipeline):
     assert not test_ids & set(calibration.ids)  # the gate never scores the calibration images
     assert int(meta["check_size"]) == len(test_ids)  # calibrated for the FPR the gate measures there
     gate = json.loads((pipeline / "metrics/gate.json").read_text())
-    # The default run's triggered test digits: the isolation checkpoint obeys the trigger, the released model no
-    # longer does, and the guard sees that disagreement (measured: TPR 1.0, FPR 0.045).
-    assert gate["guard"]["fpr"] <= 0.1 and gate["guard"]["tpr"] >= 0.9
+    # The default run's triggered test digits: the guard learned the trigger from 14 quarantined digits only, and
+    # catches a good share of them (bench/results/guard.md has the figures), at the calibrated false-positive rate.
+    assert gate["guard"]["fpr"] <= 0.1 and gate["guard"]["tpr"] >= 0.5
 
 
 def test_shipped_guard_flags_pgd_examples_of_the_released_model(pipeline):
     """The probe through guard.onnx: PGD (8/255, 10 steps) on the test digits against the released model, the
-    attack the probe was fitted on, on images it never saw, rounded to uint8 like any image a user sends
-    (measured on the default run: 0.46 flagged, 0.71 of those the attack fooled, against 0.045 of clean ones)."""
-    from stages.data import load_store
-    from stages.detectors import adversarial_examples
-    from stages.guard import onnx_guard
-    from stages.models import load_checkpoint
-    from stages.train import to_tensor
+    attack the probe was fitted on, on images it never saw, rounded to uint8 like any image a user sends. The probe
+    holds a fifth of the guard's false-positive budget (sanitizer/guard.py SHIPPED_SHARES), so on the tiny digits
+    model it flags a modest share, several times the clean images' rate."""
+    from sanitizer.data import load_store
+    from sanitizer.detectors import adversarial_examples
+    from sanitizer.guard import onnx_guard
+    from sanitizer.models import load_checkpoint
+    from sanitizer.train import to_tensor
 
     model, _ = load_checkpoint(pipeline / "models/model.pt", torch.device("cpu"))
     test = load_store(pipeline / "data/ingested/test.npz")
@@ -278,32 +282,33 @@ def test_shipped_guard_flags_pgd_examples_of_the_released_model(pipeline):
     images = np.round(pgd.permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
     guard, _ = onnx_guard(pipeline / "models/guard.onnx")
     flagged, clean_flagged = guard(images)[1].mean(), guard(test.x)[1].mean()
-    assert flagged > 0.3 and flagged > 4 * clean_flagged, (flagged, clean_flagged)
+    assert flagged > 0.15 and flagged > 3 * clean_flagged, (flagged, clean_flagged)
 
 
-def test_isolate_ranks_by_the_fused_score_when_fusion_is_on(pipeline, project):
-    import shutil
+def test_the_full_defense_ranks_by_the_fused_score_on_harder_data():
+    from sanitizer.data import make_store
+    from sanitizer.isolation import Isolation, select, selection_for
 
-    import pandas as pd
-
-    shutil.copytree(pipeline / "data/ingested", project / "data/ingested")
-    set_params(project, **{"detect.fusion": ["strip", "knn_density"]})
-    result = stage_cli(project, "isolate")
-    assert result.returncode == 0, result.stderr[-2000:]
-    scores = pd.read_csv(project / "data/isolate/scores.csv")
-    # Ranked by the fused score (written as minus the ranking score: high = suspicious), not by the loss; the ratio
-    # rule isolates the first 1%.
-    by_rank = scores.sort_values("rank")
-    assert by_rank.fused.is_monotonic_decreasing and not by_rank.final_loss.is_monotonic_increasing
-    assert by_rank.isolated.tolist() == [1] * 14 + [0] * (len(scores) - 14)
-    metrics = json.loads((project / "metrics/isolate.json").read_text())
-    assert metrics["fusion"] == ["strip", "knn_density"]
+    rng = np.random.default_rng(0)
+    n = 300
+    store = make_store(np.zeros((n, 2, 2, 1), np.uint8), np.arange(n) % 3, [f"s{i:03d}" for i in range(n)],
+                       ["a", "b", "c"])
+    history = np.exp(rng.normal(-1, 0.5, size=(n, 4)))
+    signals = {"strip": rng.normal(size=n), "knn_density": rng.normal(size=n)}
+    isolation = Isolation(None, {}, history, signals, torch.zeros(n, 4))
+    hard = DataRules(2, True, 4, "adaptive", False)
+    chosen = select(isolation, store, selection_for(Params(), hard))
+    assert chosen.report["ranked_by"] == "fused" and chosen.report["fusion"] == ["strip", "knn_density"]
+    plain = select(isolation, store, selection_for(Params(), DIGITS_RULES))  # easy data: ABL's share of the loss
+    assert plain.report["ranked_by"] == "loss" and plain.report["rule"] == "ratio" and len(plain.isolated) == 3
+    abl = Params.model_validate({"defense": {"method": "abl"}})
+    assert select(isolation, store, selection_for(abl, hard)).report["ranked_by"] == "loss"
 
 
 def test_guard_command(pipeline, tmp_path):
     from PIL import Image
 
-    from stages.data import load_store
+    from sanitizer.data import load_store
 
     triggered = load_store(pipeline / "data/ingested/redteam_test.npz")
     paths = []
@@ -328,11 +333,11 @@ def test_guard_command(pipeline, tmp_path):
 
 def small_digits_model(x: torch.Tensor, y: torch.Tensor, params: Params) -> torch.nn.Module:
     """A width-8 CNN trained 8 epochs on digits, in eval mode."""
-    from stages.models import build_model, model_spec
-    from stages.train import make_optimizer, train_epoch
+    from sanitizer.models import build_model, model_spec
+    from sanitizer.train import make_optimizer, train_epoch
 
     model = build_model(model_spec((8, 8, 1), 10, 8, [0.3], [0.4]))
-    opt = make_optimizer(model, params.train.lr, params.train)
+    opt = make_optimizer(model, params.train.lr, TrainSettings(64, params.train.lr, 0.9, 5e-4, 0, False))
     gen = torch.Generator().manual_seed(0)
     for _ in range(8):
         train_epoch(model, opt, x, y, lambda losses: losses.mean(), 64, gen)
@@ -342,9 +347,9 @@ def small_digits_model(x: torch.Tensor, y: torch.Tensor, params: Params) -> torc
 def test_probe_flags_adversarial_examples_of_held_out_digits():
     """A model trained on real digits; the probe, fitted on FGSM and PGD examples of training images, flags PGD
     examples of held-out images, unseen in its fit, and does so better than mahalanobis on the last stage."""
-    from stages.detectors import adversarial_examples, block_statistics, features, fit_adversarial_probe, probe_score
-    from stages.sources import read_digits
-    from stages.train import seed_everything, to_tensor
+    from sanitizer.detectors import adversarial_examples, block_statistics, features, fit_adversarial_probe, probe_score
+    from sanitizer.sources import read_digits
+    from sanitizer.train import seed_everything, to_tensor
 
     params = Params.model_validate({"device": "cpu"})
     seed_everything(0)
@@ -370,10 +375,10 @@ def test_quarantine_probe_flags_held_out_triggered_digits_and_not_a_placebo_quar
     """A model trained on BadNets-poisoned digits; the quarantine probe, fitted on clean training digits against
     the poisoned ones, scores triggered held-out digits above clean ones. Fitted against as many clean training
     digits instead (a quarantine of false positives), it does not (measured AUROC 1.0 against 0.54)."""
-    from stages.detectors import block_statistics, fit_quarantine_probe, probe_score
-    from stages.sources import read_digits
-    from stages.train import seed_everything, to_tensor
-    from stages.triggers import apply_trigger, poison
+    from sanitizer.detectors import block_statistics, fit_quarantine_probe, probe_score
+    from sanitizer.sources import read_digits
+    from sanitizer.train import seed_everything, to_tensor
+    from sanitizer.triggers import apply_trigger, poison
 
     params, cpu = Params.model_validate({"device": "cpu"}), torch.device("cpu")
     seed_everything(0)
@@ -398,9 +403,9 @@ def test_quarantine_probe_flags_held_out_triggered_digits_and_not_a_placebo_quar
 
 def test_guard_computes_one_set_of_block_statistics_for_two_probes_on_one_model():
     """Two probe heads reading 2 and 4 blocks of the same model: one pass, each head its own last columns."""
-    from stages.detectors import Probe, block_statistics, probe_score
-    from stages.guard import GuardNet, ProbeHead
-    from stages.models import build_model, model_spec
+    from sanitizer.detectors import Probe, block_statistics, probe_score
+    from sanitizer.guard import GuardNet, ProbeHead
+    from sanitizer.models import build_model, model_spec
 
     model = build_model(model_spec((8, 8, 1), 3, 8, [0.5], [0.25])).eval()
     x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -420,12 +425,12 @@ def test_quarantine_net_flags_held_out_warped_digits_and_ships_in_the_guard_onnx
     pixels of the suspects (the poison and as many clean digits of its label as isolation might take along, half
     its number) against the rest, scores warped held-out digits above clean ones; trained on a placebo quarantine
     of clean digits, it does not (measured AUROC 0.996 against 0.48). Through guard.onnx its score matches torch."""
-    from stages.detectors import fit_quarantine_net, quarantine_net_score
-    from stages.guard import GuardNet, QuarantineNetHead, export_guard, onnx_guard
-    from stages.models import model_spec
-    from stages.sources import read_digits
-    from stages.train import channel_stats, seed_everything, to_tensor
-    from stages.triggers import apply_trigger, poison
+    from sanitizer.detectors import fit_quarantine_net, quarantine_net_score
+    from sanitizer.guard import GuardNet, QuarantineNetHead, export_guard, onnx_guard
+    from sanitizer.models import model_spec
+    from sanitizer.sources import read_digits
+    from sanitizer.train import channel_stats, seed_everything, to_tensor
+    from sanitizer.triggers import apply_trigger, poison
 
     cpu = torch.device("cpu")
     params = Params.model_validate({"device": "cpu", "redteam": {"attack": "wanet", "poison_rate": 0.1}})
@@ -449,22 +454,18 @@ def test_quarantine_net_flags_held_out_warped_digits_and_ships_in_the_guard_onnx
     assert found["poison"] > 0.97 and found["placebo"] < 0.7, found
 
     guard = GuardNet({}, [("input", QuarantineNetHead(nets["poison"]))]).eval()
-    export_guard(guard, src.test.x.shape[1:], tmp_path / "guard.onnx", params.export.opset, {})
+    export_guard(guard, src.test.x.shape[1:], tmp_path / "guard.onnx", params.advanced.export.opset, {})
     score, _ = onnx_guard(tmp_path / "guard.onnx")[0](src.test.x)
     with torch.no_grad():
         assert np.allclose(score, guard(x_clean)[0].numpy(), atol=1e-4)
 
 
-def test_guard_shares_weigh_each_detector_by_name_and_must_name_every_one():
-    weights = {"quarantine_net@input": 0.7, "quarantine_probe@released": 0.1, "probe@released": 0.2}
+def test_guard_shares_weigh_each_detector_by_name():
+    weights = SHIPPED_SHARES
     assert fpr_shares(list(weights), 0.7, weights) == pytest.approx([0.7, 0.1, 0.2])
     # Detectors left out (nothing quarantined): the others' weights are renormalised.
     assert fpr_shares(["probe@released"], 0.7, weights) == [1.0]
     assert fpr_shares(["quarantine_net@input", "probe@released"], 0.7, weights) == pytest.approx([0.7 / 0.9, 0.2 / 0.9])
     # Without weights the input's detector is not the released model's.
     assert fpr_shares(["quarantine_net@input", "probe@released"], 0.7) == pytest.approx([0.3, 0.7])
-    with pytest.raises(ValueError, match="guard_shares does not name"):
-        Params.model_validate({"detect": {"guard": ["probe@released", "knn@released"],
-                                          "guard_shares": {"probe@released": 1.0}}})
-    assert Params.model_validate({"detect": {"guard": ["knn@released"]}}).detect.guard_shares is None  # own list
-    assert Params().detect.guard_shares == weights
+    assert guard_settings(Params(), DIGITS_RULES).shares == weights and set(SHIPPED) == set(weights)

@@ -8,9 +8,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from stages.data import load_store
-from stages.models import load_checkpoint
-from stages.train import to_tensor
+from sanitizer.data import load_store
+from sanitizer.models import load_checkpoint
+from sanitizer.train import to_tensor
 
 
 def test_onnx_matches_torch_on_real_samples_with_dynamic_batch(pipeline):

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from stages import gate
-from stages.config import load_params
-from stages.errors import GateFailed
-from stages.triggers import badnets
-from stages.config import RedteamParams
+from sanitizer.config import load_params
+from sanitizer.errors import GateFailed
+from sanitizer.triggers import badnets
+from sanitizer.config import RedteamParams
 
 
 def test_attack_success_rate_counts_only_non_target_images():

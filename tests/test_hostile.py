@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from stages.config import Params
-from stages.errors import SanitizeError
-from stages.ingest import read_and_validate
+from sanitizer.config import Params
+from sanitizer.errors import SanitizeError
+from sanitizer.ingestion import read_and_validate
 
 CASES = 200
 SETTINGS = settings(max_examples=CASES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)

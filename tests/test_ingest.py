@@ -11,10 +11,10 @@ from PIL import Image
 
 from conftest import set_params, stage_cli
 from stages import ingest
-from stages.config import load_params
-from stages.data import load_store
-from stages.errors import SanitizeError
-from stages.sources import read_cifar10, read_imagefolder, read_npz
+from sanitizer.config import load_params
+from sanitizer.data import load_store
+from sanitizer.errors import SanitizeError
+from sanitizer.sources import read_cifar10, read_imagefolder, read_npz
 
 
 def write_npz(path, n=40, shape=(8, 8), classes=4, **override):
@@ -35,10 +35,10 @@ def test_npz_ingest_writes_a_hashed_store(project):
     assert len(set(train.sha256)) == len(train)
     truth = (project / "data/ingested/redteam_truth.csv").read_text().splitlines()
     assert len(truth) == 1 + 10  # header + 25% of 40
-    # 20% of each test class is held out to calibrate the guard; nothing is lost or shared.
+    # Half of each test class (data.calibration_size) is held out to calibrate the guard; nothing is lost or shared.
     test, calibration = load_store("data/ingested/test.npz"), load_store("data/ingested/calibration.npz")
     assert len(test) + len(calibration) == 20 and not set(test.ids) & set(calibration.ids)
-    assert np.bincount(calibration.labels).tolist() == [1, 1, 1, 1]
+    assert np.bincount(calibration.labels).tolist() == [2, 2, 2, 2]
 
 
 def test_npz_label_outside_class_set_is_refused_by_sample(project):

@@ -5,13 +5,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from stages.config import IsolateParams, Params
-from stages.data import make_store
-from stages.isolate import (adaptive_selection, choose, lowest, otsu_split, refine_by_neighbours, select_isolated,
-                            suspicion_score, train_lga)
-from stages.sources import read_digits
-from stages.train import batches, lga_loss
-from stages.triggers import poison
+from dataclasses import replace
+
+from sanitizer.config import Params
+from sanitizer.data import make_store
+from sanitizer.isolation import (Selection, adaptive_selection, choose, lowest, otsu_split, refine_by_neighbours,
+                                 selection_for, suspicion_score, train_lga)
+from sanitizer.rules import decide
+from sanitizer.sources import read_digits
+from sanitizer.train import batches, lga_loss
+from sanitizer.triggers import poison
 
 
 def test_lga_loss_flips_sign_below_gamma():
@@ -21,7 +24,15 @@ def test_lga_loss_flips_sign_below_gamma():
     assert (below.grad < 0).all()  # under gamma, minimising the LGA loss *raises* the loss
 
 
-def test_select_isolated_takes_lowest_final_loss_with_stable_ties():
+SEL = Selection(ratio=0.01, max_ratio=0.25)  # the full defense's adaptive selection, advanced's defaults
+
+
+def select_isolated(history: np.ndarray, ids: np.ndarray, ratio: float) -> np.ndarray:
+    """Plain ABL: the `ratio` share with the lowest final loss."""
+    return lowest(history[:, -1], ids, ratio)
+
+
+def test_plain_abl_takes_lowest_final_loss_with_stable_ties():
     history = np.array([[5, 0.3], [5, 0.1], [5, 0.1], [5, 0.9]])
     ids = np.array(["d", "c", "b", "a"])
     assert select_isolated(history, ids, 0.5).tolist() == [1, 2]
@@ -36,20 +47,24 @@ def small_poisoned_digits(params: Params):
 
 
 def test_same_seed_gives_same_isolated_ids_on_cpu():
-    params = Params.model_validate({"device": "cpu", "isolate": {"epochs": 3}})
+    params = Params.model_validate({"device": "cpu", "train": {"isolate_epochs": 3}})
     store, _ = small_poisoned_digits(params)
+    rules, _ = decide(store.x, store.labels, params.seed)
     runs = []
     for _ in range(2):
-        _, _, history = train_lga(params, store, torch.device("cpu"))
-        runs.append(store.ids[select_isolated(history, store.ids, params.isolate.ratio)].tolist())
+        _, _, history = train_lga(params, store, rules, torch.device("cpu"))
+        runs.append(store.ids[select_isolated(history, store.ids, params.advanced.isolate.ratio)].tolist())
     assert runs[0] == runs[1] and len(runs[0]) == 14
 
 
 def test_lga_isolates_badnets_poison_on_digits():
-    params = Params.model_validate({"device": "cpu", "isolate": {"epochs": 10}})
+    params = Params.model_validate({"device": "cpu", "train": {"isolate_epochs": 10}})
     store, truth = small_poisoned_digits(params)
-    _, _, history = train_lga(params, store, torch.device("cpu"))
-    chosen = select_isolated(history, store.ids, params.isolate.ratio)
+    rules, _ = decide(store.x, store.labels, params.seed)
+    assert rules.isolation == "share" and rules.augment_isolation  # digits are easy data (sanitizer/rules.py)
+    assert not selection_for(params, rules).adaptive
+    _, _, history = train_lga(params, store, rules, torch.device("cpu"))
+    chosen = select_isolated(history, store.ids, params.advanced.isolate.ratio)
     precision = np.isin(chosen, truth).mean()
     assert precision >= 0.9, precision
 
@@ -69,11 +84,11 @@ def synthetic_history(seed=0):
 
 def test_adaptive_selection_isolates_the_separated_group_of_the_implicated_class():
     history, labels, ids, backdoor, _ = synthetic_history()
-    chosen, report = adaptive_selection(suspicion_score(history), labels, ids, IsolateParams())
+    chosen, report = adaptive_selection(suspicion_score(history), labels, ids, SEL)
     assert report["rule"].startswith("adaptive") and report["implicated_label"] == 2 and report["evidence"] == "group"
     assert chosen.tolist() == backdoor.tolist()
     # Without concentration the easy samples of class 1 may join; the cap bounds the share.
-    capped, _ = adaptive_selection(suspicion_score(history), labels, ids, IsolateParams(concentrate=False, max_ratio=0.05))
+    capped, _ = adaptive_selection(suspicion_score(history), labels, ids, replace(SEL, concentrate=False, max_ratio=0.05))
     assert len(capped) == 10 and set(capped) <= set(backdoor)
 
 
@@ -82,13 +97,13 @@ def test_adaptive_selection_falls_back_to_the_fixed_ratio_without_a_separated_gr
     # 500 per class, as in real sets: with 100, noise alone splits one class 1.1 times clearer a third of the time.
     history = np.exp(rng.normal(-1, 0.5, size=(1500, 5)))
     labels, ids = np.arange(1500) % 3, np.array([f"s{i:04d}" for i in range(1500)])
-    chosen, report = adaptive_selection(suspicion_score(history), labels, ids, IsolateParams(ratio=0.02))
+    chosen, report = adaptive_selection(suspicion_score(history), labels, ids, replace(SEL, ratio=0.02))
     assert report["rule"].startswith("ratio") and report["separation"] < 3.5
     assert chosen.tolist() == lowest(suspicion_score(history), ids, 0.02).tolist()
     assert report["evidence"] == "none"  # every class splits alike: nothing points at a backdoor
     # Given plain ABL's final losses, its share joins the fallback: a fused ranking never drops one of its suspects.
     final = history[:, -1]
-    both, report = adaptive_selection(suspicion_score(history), labels, ids, IsolateParams(ratio=0.02), final_loss=final)
+    both, report = adaptive_selection(suspicion_score(history), labels, ids, replace(SEL, ratio=0.02), final_loss=final)
     assert set(both) == set(chosen) | set(lowest(final, ids, 0.02)) and len(both) > len(chosen)
     assert report["evidence"] == "none" and "plain ABL" in report["rule"]
 
@@ -100,12 +115,12 @@ def test_a_class_that_stands_out_short_of_a_separated_group_is_weak_evidence():
     hint = np.flatnonzero(labels == 1)[:25]
     log_loss[hint] = rng.normal(-2.5, 0.3, size=(25, 5))
     # Rules 1 and 2 made strict enough not to fire: class 1 stands out, but not as a separated group.
-    p = IsolateParams(ratio=0.02, min_separation=20, class_margin=5)
+    p = replace(SEL, ratio=0.02, min_separation=20, class_margin=5)
     _, report = adaptive_selection(suspicion_score(np.exp(log_loss)), labels, ids, p)
     seps = sorted(report["class_separation"].values(), reverse=True)
     assert report["rule"].startswith("ratio") and seps[0] >= p.weak_margin * seps[1]
     assert report["evidence"] == "weak" and max(report["class_separation"], key=report["class_separation"].get) == "1"
-    _, strict = adaptive_selection(suspicion_score(np.exp(log_loss)), labels, ids, p.model_copy(update={"weak_margin": 5}))
+    _, strict = adaptive_selection(suspicion_score(np.exp(log_loss)), labels, ids, replace(p, weak_margin=5))
     assert strict["evidence"] == "none"
 
 
@@ -126,24 +141,24 @@ def test_refinement_drops_isolated_samples_outside_the_clump_and_adds_clump_memb
     easy = np.flatnonzero(labels == 2)[60:66]  # clean class-2 samples the cut let through
     other = np.flatnonzero(labels == 1)[:2]    # a suspect outside the implicated class stays as it is
     isolated = np.sort(np.concatenate([poison[:37], easy, other]))  # 3 poison missed
-    p = IsolateParams(refine_k=10)
+    p = replace(SEL, refine_k=10)
     refined = refine_by_neighbours(feats, labels, isolated, p)
     assert refined.tolist() == np.sort(np.concatenate([poison, other])).tolist()
-    assert refine_by_neighbours(feats, labels, isolated, IsolateParams(refine_k=0)).tolist() == isolated.tolist()  # off
+    assert refine_by_neighbours(feats, labels, isolated, replace(SEL, refine_k=0)).tolist() == isolated.tolist()  # off
 
 
 def test_only_a_separated_group_is_refined():
     history, labels, ids, backdoor, _ = synthetic_history()
     feats = clumped_features(np.random.default_rng(4), labels, backdoor[:10])  # half the group off the clump
     store = make_store(np.zeros((len(labels), 2, 2, 1), np.uint8), labels, ids, [str(c) for c in range(4)])
-    p = IsolateParams(selection="adaptive", refine_k=5)
+    p = replace(SEL, refine_k=5)
     isolated, _, report = choose(history, store, p, feats=feats)
     assert report["evidence"] == "group" and isolated.tolist() == backdoor[:10].tolist()
     assert report["refined"] == {"dropped": 10, "added": 0}
     flat = np.exp(np.random.default_rng(1).normal(-1, 0.5, size=history.shape))  # no group: the fallback share
     isolated, _, report = choose(flat, store, p, feats=feats)
     assert report["evidence"] != "group" and "refined" not in report
-    assert isolated.tolist() == choose(flat, store, p.model_copy(update={"refine_k": 0}))[0].tolist()
+    assert isolated.tolist() == choose(flat, store, replace(p, refine_k=0))[0].tolist()
 
 
 def test_otsu_split_separates_two_clusters():

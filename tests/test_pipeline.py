@@ -24,7 +24,10 @@ def test_default_run_isolates_poison(pipeline):
     isolate = read_json(pipeline / "metrics/isolate.json")
     assert isolate["n_isolated"] == round(0.01 * read_json(pipeline / "metrics/ingest.json")["n_train"])
     assert isolate["isolation_precision"] >= 0.9
-    assert isolate["dominant_class"] == "0"  # the red team's target
+    assert isolate["isolated"]["dominant_class"] == "0"  # the red team's target
+    # Digits are easy data: the rule that chose ABL's share is printed by ingest and recorded with its evidence.
+    rules = read_json(pipeline / "metrics/ingest.json")["data_rules"]
+    assert rules["isolation"] == "share" and rules["nearest_mean_accuracy"] > 0.8 and rules["flip"] is False
 
 
 def test_second_repro_runs_nothing(pipeline):
@@ -44,11 +47,10 @@ def test_dvc_metrics_and_plots_read_the_outputs(pipeline):
 
 
 def test_without_defense_the_backdoor_survives_and_the_gate_blocks(pipeline, tmp_path):
-    """isolate.ratio: 0 turns the defense off: the gate must see a real backdoor and fail dvc repro.
-    Fewer epochs than the default keep CI short: the digits BadNets backdoor is learned in a few."""
+    """defense.method: off: the gate must see a real backdoor and fail dvc repro."""
     copy = tmp_path / "nodefense"
     shutil.copytree(pipeline, copy)
-    set_params(copy, **{"isolate.ratio": 0, "isolate.epochs": 6, "unlearn.finetune_epochs": 4})
+    set_params(copy, **{"defense.method": "off"})
     result = run_cmd([sys.executable, "-m", "dvc", "repro"], copy)
     assert result.returncode != 0
     assert "release blocked: asr:badnets" in result.stderr + result.stdout

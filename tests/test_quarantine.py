@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from bench.browser import synthetic_page
 
 from stages import quarantine
-from stages.config import load_params
-from stages.data import load_store
-from stages.errors import SanitizeError
+from sanitizer.config import load_params
+from sanitizer.data import load_store
+from sanitizer.errors import SanitizeError
 
 
 @pytest.fixture
 def isolated_project(pipeline, project):
-    for sub in ("data/ingested", "data/isolate", "plots"):
+    for sub in ("data/ingested", "data/isolate", "data/recheck", "plots"):
         shutil.copytree(pipeline / sub, project / sub)
     (project / "metrics").mkdir()
     shutil.copy2(pipeline / "metrics/ingest.json", project / "metrics/ingest.json")
@@ -57,7 +58,7 @@ def test_release_puts_a_sample_back(isolated_project):
 
 
 @pytest.mark.parametrize("rows, message", [
-    ("id,decision,note\nnot-a-sample,release,\n", "not among the isolated suspects"),
+    ("id,decision,note\nnot-a-sample,release,\n", "not among the flagged suspects"),
     ("id,decision,note\n{s},keep,\n", "is not one of"),
     ("id,decision,note\n{s},release,\n{s},confirm,\n", "appears twice"),
     ("id,note\n{s},x\n", "missing column"),
@@ -79,3 +80,25 @@ def test_review_page_escapes_text_from_the_data(tmp_path):
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "<img src=x" not in html and "a&quot;b&lt;img" in html
     assert "Content-Security-Policy" in html and "script-src 'sha256-" in html
+
+
+def test_the_second_look_s_flags_are_quarantined_with_their_signal_and_reviewable(isolated_project):
+    """Every removal goes through the quarantine: a sample the second look flagged is in the manifest with its
+    signal and score, out of the cleaned data, and a reviewer can release it."""
+    isolated = pd.read_csv("data/isolate/isolated.csv", dtype={"id": str})
+    store = load_store("data/ingested/train.npz")
+    flagged = [i for i in store.ids if i not in set(isolated.id)][:3]
+    pd.DataFrame({"id": flagged, "label": 0, "signal": "recheck:fragility", "score": [3.0, 2.0, 1.0],
+                  "round": "first"}).to_csv("data/recheck/flagged.csv", index=False)
+    quarantine.run(load_params())
+    manifest = pd.read_csv("data/quarantine/quarantine.csv", dtype={"id": str}).set_index("id")
+    assert set(flagged) <= set(manifest.index) and set(manifest.loc[flagged, "signal"]) == {"recheck:fragility"}
+    assert manifest.loc[flagged, "score"].tolist() == [3.0, 2.0, 1.0]
+    assert not set(flagged) & ids_of("data/clean/train.npz") and set(flagged) <= ids_of("data/quarantine/quarantine.npz")
+    cleaned = np.load("data/clean/cleaned.npz")  # the cleaned set in the npz source's terms
+    assert len(cleaned["x_train"]) == len(load_store("data/clean/train.npz")) and flagged[0] not in cleaned["ids_train"]
+    page = (isolated_project / "data/quarantine/index.html").read_text(encoding="utf-8")
+    assert "recheck:fragility" in page
+    (isolated_project / "review/decisions.csv").write_text(f"id,decision,note\n{flagged[0]},release,clean after all\n")
+    quarantine.run(load_params())
+    assert flagged[0] in ids_of("data/clean/train.npz") and flagged[1] not in ids_of("data/clean/train.npz")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stages.config import RedteamParams
-from stages.triggers import TRIGGERS, poison, wanet
+from sanitizer.config import RedteamParams
+from sanitizer.triggers import TRIGGERS, poison, wanet
 
 SHAPES = [(8, 8, 1), (32, 32, 3), (13, 21, 3)]
 

@@ -1,14 +1,20 @@
-"""Unlearning's clean-accuracy check: a damaging epoch is rolled back, retried at half the learning rate,
-and unlearning stops when the retries are spent."""
+"""Unlearning: a damaging epoch is rolled back and retried at half the learning rate, unlearning stops when the
+retries are spent; the second look flags, unlearns what it flagged, or trains again without it."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
+import pandas as pd
 import torch
 
-import stages.unlearn as unlearn_stage
-from stages.config import Params
-from stages.train import train_epoch
+import sanitizer.recheck as recheck_lib
+import sanitizer.unlearning as unlearning
+from sanitizer.config import Params
+from sanitizer.train import TrainSettings
+
+TP = TrainSettings(batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4, crop_padding=1, flip=False)
 
 
 def bright_pixel_data(n_per_class: int = 20):
@@ -26,7 +32,7 @@ def perfect_model() -> torch.nn.Module:
     return model
 
 
-def run_unlearn(monkeypatch, retries: int, harmful_from_lr: float, evidence: str | None = None, erase_class_0=False):
+def run_unlearn(monkeypatch, retries: int, harmful_from_lr: float, watch_class: bool = False, erase_class_0=False):
     """An epoch that wrecks the model (or, with `erase_class_0`, only class 0, the suspects' label) when the
     learning rate is at least `harmful_from_lr` and changes nothing below it; the suspects (class-1 images
     labelled 0) are never classified as 0, so one kept epoch ends unlearning."""
@@ -36,12 +42,12 @@ def run_unlearn(monkeypatch, retries: int, harmful_from_lr: float, evidence: str
                 (model[1].weight[0] if erase_class_0 else model[1].weight).neg_()
         return 0.0, 0.0
 
-    monkeypatch.setattr(unlearn_stage, "joint_unlearn_epoch", epoch)
-    params = Params.model_validate({"unlearn": {"lr": 0.002, "retries": retries, "epochs": 3}})
+    monkeypatch.setattr(unlearning, "joint_unlearn_epoch", epoch)
+    u = replace(unlearning.unlearning_for(Params()), lr=0.002, retries=retries, epochs=3)
     x, y = bright_pixel_data()
     xq, yq = x[y == 1][:5], torch.zeros(5, dtype=torch.long)
     model = perfect_model()
-    report = unlearn_stage.unlearn(model, params, xq, yq, x, y, x, y, torch.Generator(), [], evidence=evidence)
+    report = unlearning.unlearn(model, u, TP, xq, yq, x, y, x, y, torch.Generator(), [], watch_class=watch_class)
     return model, report
 
 
@@ -62,22 +68,22 @@ def test_unlearning_stops_when_the_retries_are_spent(monkeypatch):
 
 def test_after_a_fallback_an_epoch_that_erases_the_implicated_class_is_rolled_back(monkeypatch):
     # A separated group (or plain ABL's ratio): the implicated class is left out of the check, so erasing it stands.
-    model, report = run_unlearn(monkeypatch, retries=0, harmful_from_lr=0.0, evidence="group", erase_class_0=True)
+    model, report = run_unlearn(monkeypatch, retries=0, harmful_from_lr=0.0, erase_class_0=True)
     assert not report["rolled_back"] and not report["implicated_watched"] and model[1].weight[0, 0] < 0
     # A fallback ("weak"): its suspects may be easy clean samples of that class, whose collapse is rolled back ...
-    model, report = run_unlearn(monkeypatch, retries=1, harmful_from_lr=0.002, evidence="weak", erase_class_0=True)
+    model, report = run_unlearn(monkeypatch, retries=1, harmful_from_lr=0.002, watch_class=True, erase_class_0=True)
     assert report["implicated_watched"] and report["retries_used"] == 1 and report["unlearn_epochs_run"] == 1
     assert torch.equal(model[1].weight, torch.eye(3))
     # ... and unlearning stops when every retry erases it too.
-    model, report = run_unlearn(monkeypatch, retries=1, harmful_from_lr=0.0, evidence="weak", erase_class_0=True)
+    model, report = run_unlearn(monkeypatch, retries=1, harmful_from_lr=0.0, watch_class=True, erase_class_0=True)
     assert report["rolled_back"] and report["unlearn_epochs_run"] == 0 and torch.equal(model[1].weight, torch.eye(3))
 
 
 def digits_model_and_sets(init_seed: int):
-    from stages.data import make_store
-    from stages.models import build_model, model_spec
-    from stages.sources import read_digits
-    from stages.train import channel_stats
+    from sanitizer.data import make_store
+    from sanitizer.models import build_model, model_spec
+    from sanitizer.sources import read_digits
+    from sanitizer.train import channel_stats
 
     src = read_digits(0.2, 0)
     store = make_store(src.train.x, src.train.y, src.train.ids, [str(i) for i in range(10)])
@@ -87,46 +93,25 @@ def digits_model_and_sets(init_seed: int):
     return model, store.subset(np.arange(40, len(store))), store.subset(np.arange(40))
 
 
-def released_weights(init_seed: int, evidence, restart: str = "no_evidence", restart_resample: float = 0.0,
-                     recheck: bool = True):
-    params = Params.model_validate({"device": "cpu", "isolate": {"epochs": 1},
-                                    "unlearn": {"finetune_epochs": 1, "epochs": 1, "restart": restart,
-                                                "restart_resample": restart_resample, "recheck": recheck}})
+def released_weights(init_seed: int, evidence, method: str = "full"):
+    params = Params.model_validate({"device": "cpu", "train": {"isolate_epochs": 1, "finetune_epochs": 1},
+                                    "defense": {"method": method}, "advanced": {"unlearn": {"epochs": 1}}})
     model, clean, quarantined = digits_model_and_sets(init_seed)
-    _, report = unlearn_stage.sanitize(model, params, clean, quarantined, torch.device("cpu"), evidence=evidence)
+    u = unlearning.unlearning_for(params)
+    _, report = unlearning.sanitize(model, params, u, TP, clean, quarantined, torch.device("cpu"), evidence)
     return torch.cat([p.detach().flatten() for p in model.parameters()]), report
 
 
-def test_without_evidence_the_released_model_carries_nothing_of_the_isolation_model():
-    # Two different "isolation models" (initialisations) give the same released model after a restart ...
-    a, report = released_weights(1, evidence="none")
-    b, _ = released_weights(2, evidence="none")
-    assert report["restarted"] and torch.equal(a, b)
+def test_the_defense_off_trains_afresh_and_every_defense_continues_from_the_isolation_model():
+    # Two different "isolation models" (initialisations) give the same model with the defense off ...
+    a, report = released_weights(1, evidence=None, method="off")
+    b, _ = released_weights(2, evidence=None, method="off")
+    assert report["start"].startswith("fresh") and report["n_unlearned"] == 0 and torch.equal(a, b)
     # ... and different ones when unlearning continues from them (a separated group, a hint, or plain ABL).
-    for evidence in ("group", "weak", None):
-        c, report = released_weights(1, evidence=evidence)
-        d, _ = released_weights(2, evidence=evidence)
-        assert not report["restarted"] and not torch.equal(c, d)
-    e, report = released_weights(1, evidence="none", restart="never")
-    assert not report["restarted"] and not torch.equal(a, e)
-    assert unlearn_stage.restarts("always", "group")
-
-
-def test_only_a_restarted_model_trains_on_resampled_images(monkeypatch):
-    shifts = []
-
-    def recording_epoch(*args, max_shift: float = 0.0, **kwargs):
-        shifts.append(max_shift)
-        return train_epoch(*args, max_shift=max_shift, **kwargs)
-
-    monkeypatch.setattr(unlearn_stage, "train_epoch", recording_epoch)
-    resampled, _ = released_weights(1, evidence="none", restart_resample=0.5)
-    assert shifts and set(shifts) == {0.5}  # every epoch of the fresh model
-    shifts.clear()
-    released_weights(1, evidence="group", restart_resample=0.5)  # fine-tuning the isolation model: never
-    assert shifts and set(shifts) == {0.0}
-    plain, _ = released_weights(1, evidence="none")  # the default: off
-    assert not torch.equal(resampled, plain)
+    for evidence, method in (("group", "full"), ("weak", "full"), (None, "abl")):
+        c, report = released_weights(1, evidence, method)
+        d, _ = released_weights(2, evidence, method)
+        assert report["start"] == "isolation model" and not torch.equal(c, d)
 
 
 def test_a_fallback_unlearns_only_the_implicated_label():
@@ -134,23 +119,22 @@ def test_a_fallback_unlearns_only_the_implicated_label():
     _, report = released_weights(1, evidence="weak")
     _, clean, quarantined = digits_model_and_sets(1)
     majority = np.bincount(quarantined.labels).max()
-    assert report["n_quarantined"] == 40 and report["n_unlearned"] == majority < 40
+    assert report["n_unlearned"] == majority < 40
     _, report = released_weights(1, evidence="group")  # a separated group is unlearned whole
     assert report["n_unlearned"] == 40
     assert report["n_finetune"] + report["n_holdout"] == len(clean) and report["n_holdout"] > 0
-    # No evidence: restarted, nothing unlearned (the second look, which may find something in this two-epoch model, off) ...
-    _, report = released_weights(1, evidence="none", recheck=False)
-    assert report["restarted"] and report["n_unlearned"] == 0 and report["unlearn_epochs_run"] == 0
-    # ... so nothing is held out for unlearning's accuracy check: the released model trains on every clean sample.
+    # Nothing unlearned: nothing is held out for unlearning's accuracy check, the model trains on every clean sample.
+    _, report = released_weights(1, evidence=None, method="off")
     assert report["n_finetune"] == len(clean) and report["n_holdout"] == 0 and report["holdout_accuracy"] is None
 
 
 def test_unlearning_ends_with_the_repair_epochs_after_a_separated_group_only():
     def phases(repair_epochs: int, evidence: str | None = "group"):
-        params = Params.model_validate({"device": "cpu", "unlearn": {"finetune_epochs": 1, "epochs": 1, "stop_at": 0,
-                                                                     "repair_epochs": repair_epochs}})
+        params = Params.model_validate({"device": "cpu", "train": {"finetune_epochs": 1},
+                                        "advanced": {"unlearn": {"epochs": 1}}})
+        u = replace(unlearning.unlearning_for(params), stop_at=0, repair_epochs=repair_epochs)
         model, clean, quarantined = digits_model_and_sets(1)
-        curve, report = unlearn_stage.sanitize(model, params, clean, quarantined, torch.device("cpu"), evidence=evidence)
+        curve, report = unlearning.sanitize(model, params, u, TP, clean, quarantined, torch.device("cpu"), evidence)
         return [c["phase"] for c in curve], report
 
     steps, report = phases(2)
@@ -190,7 +174,7 @@ def fine_trigger_data(n: int = 100, poisoned: int = 10):
 
 
 def test_noise_fragility_ranks_samples_held_by_a_fine_trigger_first():
-    from stages.detectors import auroc, noise_fragility
+    from sanitizer.detectors import auroc, noise_fragility
 
     x, y = fine_trigger_data()
     model = FineTriggerModel()
@@ -203,7 +187,6 @@ def test_noise_fragility_ranks_samples_held_by_a_fine_trigger_first():
 
 def test_recheck_implicates_a_label_by_whitened_pixels_fragility_or_distance_to_its_mean_feature_and_nothing_when_all_spread(
         monkeypatch):
-    params = Params.model_validate({"isolate": {"ratio": 0.05}})
     labels = np.repeat(np.arange(4), 100)
     rng = np.random.default_rng(0)
     spread = rng.uniform(0, 0.1, len(labels))
@@ -222,9 +205,9 @@ def test_recheck_implicates_a_label_by_whitened_pixels_fragility_or_distance_to_
     cases = [(noise, grouped, off, "fragility"), (noise, spread, off, "centroid_distance"),
              (stamped, spread, tight, "input_spectral"), (noise, spread, tight, None)]
     for images, fragility, feats, by in cases:
-        monkeypatch.setattr(unlearn_stage, "noise_fragility", lambda *a, f=fragility: torch.from_numpy(f))
-        monkeypatch.setattr(unlearn_stage, "features", lambda model, x, f=feats: [f])
-        flagged, report = unlearn_stage.recheck(None, params, images, y)
+        monkeypatch.setattr(recheck_lib, "noise_fragility", lambda *a, f=fragility: torch.from_numpy(f))
+        monkeypatch.setattr(recheck_lib, "features", lambda model, x, f=feats: [f])
+        flagged, report, _ = recheck_lib.recheck(None, 0.05, 0, images, y)
         assert report["implicated_by"] == by, report
         if by == "fragility":
             assert np.array_equal(flagged, np.arange(50)), report  # the fragile group and the far one, both in label 0
@@ -234,62 +217,64 @@ def test_recheck_implicates_a_label_by_whitened_pixels_fragility_or_distance_to_
             assert np.isin(flagged, np.arange(100)).all() and len(flagged) <= len(group) + 5  # label 0's, few others
         else:
             assert not len(flagged) and report["label"] is None
-    assert report["fragility_share"] < params.unlearn.recheck_share
-    assert report["centroid_distance_share"] < params.unlearn.recheck_centroid_share
-    assert report["input_spectral_share"] < params.unlearn.recheck_input_share
+    for name, share in recheck_lib.IMPLICATING_SHARE.items():
+        assert report[f"{name}_share"] < share
 
 
-def test_what_the_recheck_flags_after_a_restart_leaves_training_and_is_unlearned(monkeypatch):
-    flagged = np.arange(0, 60, 3)  # clean-set indices the second look "finds"
-    looks = []
+def second_look_case(init_seed: int = 1):
+    """A digits store with 10 isolation suspects and 20 second-look flags (label 0's): (ingested store, manifest,
+    clean store, second look's model, flag ids)."""
+    from sanitizer.quarantine import merge_suspects, partition
 
-    def recheck(model, params, x, y):
-        looks.append(len(x))
-        # Implicated by the feature signal: no look for escaped poison after it (one unlearning, of exactly these).
-        return flagged, {"label": 0, "implicated_by": "centroid_distance", "n_flagged": len(flagged)}
+    model, store, _ = digits_model_and_sets(init_seed)
+    store = store.subset(np.arange(300))
+    iso = pd.DataFrame({"id": store.ids[:10], "label": store.labels[:10], "signal": "isolation:fused", "score": 1.0})
+    zeros = np.flatnonzero(store.labels == 0)
+    flags = store.ids[zeros[zeros >= 10][:20]]
+    flag = pd.DataFrame({"id": flags, "label": 0, "signal": "recheck:centroid_distance", "score": 2.0})
+    manifest = merge_suspects(iso, flag).assign(decision="pending")
+    clean, _ = partition(store, set(manifest["id"]), set())
+    return store, manifest, clean, model, flags
 
-    monkeypatch.setattr(unlearn_stage, "recheck", recheck)
-    _, clean, _ = digits_model_and_sets(1)
-    _, report = released_weights(1, evidence="none")
-    assert looks == [len(clean)] and report["restarted"]
-    assert report["recheck"]["flagged"] == flagged.tolist() and report["n_unlearned"] == len(flagged)
-    assert report["n_finetune"] + report["n_holdout"] == len(clean) - len(flagged) and report["unlearn_epochs_run"] == 1
-    for evidence in ("group", "weak", None):  # isolation found something: no second look
-        _, report = released_weights(1, evidence=evidence)
-    assert looks == [len(clean)] and "recheck" not in report
+
+def test_the_second_look_s_flags_are_in_the_quarantine_and_unlearned_from_its_model():
+    store, manifest, clean, model, flags = second_look_case()
+    assert len(clean) == len(store) - 30 and not set(flags) & set(clean.ids)  # out of the cleaned data
+    params = Params.model_validate({"device": "cpu", "train": {"isolate_epochs": 1, "finetune_epochs": 1}})
+    u = unlearning.unlearning_for(params)
+    report = recheck_lib.after_second_look(model, params, u, TP, store, clean, manifest,
+                                           {"implicated_by": "centroid_distance"}, torch.device("cpu"), [])
+    assert report["start"] == "second look's model" and report["n_unlearned"] == 20
+    assert report["n_trained_before"] == len(store) - 10  # the second look trained on all but isolation's suspects
+    # A flag the reviewer released stays in training and is not unlearned.
+    released = manifest.assign(decision=np.where(manifest["id"] == flags[0], "release", "pending"))
+    report = recheck_lib.after_second_look(model, params, u, TP, store, clean, released,
+                                           {"implicated_by": "centroid_distance"}, torch.device("cpu"), [])
+    assert report["n_unlearned"] == 19
+    # An isolation suspect released: the second look's model never saw it, so the model trains afresh on the clean set.
+    released = manifest.assign(decision=np.where(manifest["id"] == store.ids[0], "release", "pending"))
+    curve: list = []
+    report = recheck_lib.after_second_look(model, params, u, TP, store, clean, released,
+                                           {"implicated_by": "centroid_distance"}, torch.device("cpu"), curve)
+    assert report["retrained"] and {c["phase"] for c in curve} == {"retrain"}
 
 
 def test_when_unlearning_the_flagged_is_rolled_back_the_model_trains_again_without_them(monkeypatch):
-    flagged = np.arange(0, 60, 3)
-    monkeypatch.setattr(unlearn_stage, "recheck", lambda model, params, x, y: (
-        flagged, {"label": 0, "implicated_by": "input_spectral", "n_flagged": len(flagged)}))
     seen = []
 
-    def unlearn(model, params, xq, *args, **kwargs):  # every try cost clean accuracy: rolled back, link unbroken
+    def unlearn_and_repair(model, u, tp, xq, *args, **kwargs):  # every try cost clean accuracy: link unbroken
         seen.append(len(xq))
         return {"unlearn_epochs_run": 0, "rolled_back": True, "suspects_obeyed": 1.0}
 
-    monkeypatch.setattr(unlearn_stage, "unlearn", unlearn)
-    params = Params.model_validate({"device": "cpu", "isolate": {"epochs": 1}, "unlearn": {"finetune_epochs": 1}})
-    model, clean, quarantined = digits_model_and_sets(1)
-    curve, report = unlearn_stage.sanitize(model, params, clean, quarantined, torch.device("cpu"), evidence="none")
-    assert seen == [len(flagged)] and report["retrained"] and report["n_unlearned"] == len(flagged)
-    assert report["n_finetune"] == len(clean) - len(flagged) and report["n_holdout"] == 0
-    assert report["holdout_accuracy"] is None
-    assert [c["phase"] for c in curve] == ["finetune"] * 2 + ["repair"] + ["retrain"] * 2  # the restart's budget again
-
-
-def test_the_guard_learns_from_the_recheck_flags_as_from_the_quarantine():
-    from stages.data import make_store
-    from stages.guard import with_flagged
-
-    clean = make_store(np.arange(16).reshape(4, 2, 2, 1), [0, 1, 0, 1], ["a", "b", "c", "d"], ["0", "1"])
-    quarantined = make_store(np.full((1, 2, 2, 1), 99), [1], ["q"], ["0", "1"])
-    kept, suspects = with_flagged(clean, quarantined, ["b", "d"])
-    assert list(kept.ids) == ["a", "c"] and list(suspects.ids) == ["q", "b", "d"]
-    assert np.array_equal(suspects.x[1:], clean.x[[1, 3]]) and list(suspects.labels) == [1, 1, 1]
-    kept, suspects = with_flagged(clean, quarantined, [])
-    assert kept is clean and suspects is quarantined
+    monkeypatch.setattr(recheck_lib, "unlearn_and_repair", unlearn_and_repair)
+    params = Params.model_validate({"device": "cpu", "train": {"isolate_epochs": 1, "finetune_epochs": 1}})
+    model, store, _ = digits_model_and_sets(1)
+    x, y = torch.rand(60, 1, 8, 8), torch.arange(60) % 10
+    first, curve = np.arange(0, 60, 3), []
+    report, done = recheck_lib.unlearn_flags(model, params, unlearning.unlearning_for(params), TP, x, y, first,
+                                             np.arange(1, 5), False, curve)
+    assert seen == [len(first)] and report["retrained"] and np.array_equal(done, first)  # no look for escaped poison
+    assert [c["phase"] for c in curve] == ["retrain"] * 2  # the whole budget again
 
 
 def test_after_unlearning_the_label_s_samples_whose_loss_rose_are_the_escaped_poison(monkeypatch):
@@ -302,6 +287,6 @@ def test_after_unlearning_the_label_s_samples_whose_loss_rose_are_the_escaped_po
     def losses(model, x, y):
         return torch.from_numpy(loss[x.long().numpy()])
 
-    monkeypatch.setattr(unlearn_stage, "per_sample_losses", losses)
-    escaped = unlearn_stage.escaped_poison(None, torch.arange(200), labels, flagged, 0)
-    assert np.array_equal(escaped, np.arange(10, 30))
+    monkeypatch.setattr(recheck_lib, "per_sample_losses", losses)
+    escaped, escaped_loss = recheck_lib.escaped_poison(None, torch.arange(200), labels, flagged, 0)
+    assert np.array_equal(escaped, np.arange(10, 30)) and np.array_equal(escaped_loss, loss[10:30])

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.config import RedteamParams
+from sanitizer.config import RedteamParams
 
 BLEND_PATTERN_SEED = 20171215
 WANET_FIELD_SEED = 20210503

@@ -9,11 +9,18 @@ SAMPLES_CSV = INGESTED / "samples.csv"
 CALIBRATION_STORE = INGESTED / "calibration.npz"  # clean, held out of the test split: the guard's threshold
 REDTEAM_TRUTH = INGESTED / "redteam_truth.csv"  # read by metrics only, never by a defense
 REDTEAM_TEST = INGESTED / "redteam_test.npz"  # triggered non-target test images labelled as the target: metrics only
+RULES_JSON = INGESTED / "rules.json"  # settings decided from the training images (sanitizer/rules.py)
 
 ISOLATE = Path("data/isolate")
 SCORES_CSV = ISOLATE / "scores.csv"
 ISOLATED_CSV = ISOLATE / "isolated.csv"
+SELECTION_JSON = ISOLATE / "selection.json"  # the selection rule's report: its evidence decides the next steps
 ISOLATE_MODEL = Path("models/isolate.pt")
+
+RECHECK = Path("data/recheck")  # the second look, when isolation found no evidence
+FLAGGED_CSV = RECHECK / "flagged.csv"
+RECHECK_JSON = RECHECK / "report.json"
+RECHECK_MODEL = Path("models/recheck.pt")  # the model trained afresh for the second look (empty when none ran)
 
 QUARANTINE = Path("data/quarantine")
 QUARANTINE_CSV = QUARANTINE / "quarantine.csv"
@@ -22,7 +29,9 @@ QUARANTINE_IMAGES = QUARANTINE / "images"
 KEPT_CSV = QUARANTINE / "kept.csv"  # typical kept samples shown beside the suspects
 REVIEW_PAGE = QUARANTINE / "index.html"
 CLEAN = Path("data/clean")
-CLEAN_STORE = CLEAN / "train.npz"
+CLEAN_STORE = CLEAN / "train.npz"  # the store format (ids, hashes); what unlearn trains on
+CLEAN_ARRAYS = CLEAN / "cleaned.npz"  # array sources: x_train, y_train, ids_train, as npz sources are read
+KEPT_PATHS = CLEAN / "kept_paths.txt"  # image folders: the kept files, relative to data.path, one a line
 DECISIONS_CSV = Path("review/decisions.csv")
 
 MODEL = Path("models/model.pt")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import sys
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -17,14 +18,32 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.optim.swa_utils import update_bn
 
-from stages.config import TrainParams
+from sanitizer.config import Params
+from sanitizer.rules import DataRules
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """One training run's optimiser and augmentation: params.train, params.advanced.train and the data's rules."""
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    crop_padding: int
+    flip: bool
+
+
+def train_settings(params: Params, rules: DataRules) -> TrainSettings:
+    adv = params.advanced.train
+    return TrainSettings(params.train.batch_size, params.train.lr, adv.momentum, adv.weight_decay,
+                         rules.crop_padding, rules.flip)
 
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from stages.errors import SanitizeError
+        from sanitizer.errors import SanitizeError
 
         raise SanitizeError("params.yaml: device: cuda, but no CUDA device is available; use device: auto or cpu")
     return torch.device(name)
@@ -46,24 +65,8 @@ def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
     return flat.mean(axis=0).tolist(), np.maximum(flat.std(axis=0), 1e-3).tolist()
 
 
-def resample(x: torch.Tensor, max_shift: float, gen: torch.Generator) -> torch.Tensor:
-    """Each image translated by a random offset of up to `max_shift` pixels per axis, bilinearly interpolated.
-
-    A warping trigger (WaNet, Nguyen & Tran 2021) moves pixels by a fraction of a pixel: what a model learns
-    from it is the blur of the interpolation (measured on the CIFAR-10 subset, WaNet 10%: a plain 3x3 blur sends
-    the isolation model's clean images to the target class, loss +0.5 to +6.8 in the other classes, -0.02 in
-    the target's). When every training image carries such blur at random strength, the trigger's is noise."""
-    n, _, h, w = x.shape
-    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=x.device), torch.linspace(-1, 1, w, device=x.device),
-                            indexing="ij")
-    shift = (torch.rand(n, 1, 1, 2, generator=gen, device=x.device) * 2 - 1) * max_shift
-    shift = shift * torch.tensor([2 / max(w - 1, 1), 2 / max(h - 1, 1)], device=x.device)  # pixels -> grid units
-    grid = torch.stack((xs, ys), dim=2)[None] + shift
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
-
-
-def augment(x: torch.Tensor, padding: int, flip: bool, gen: torch.Generator, max_shift: float = 0.0) -> torch.Tensor:
-    """Random crop (zero padding), optional horizontal flip and optional sub-pixel resampling of a whole batch."""
+def augment(x: torch.Tensor, padding: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
+    """Random crop (zero padding) and optional horizontal flip of a whole batch."""
     if padding:
         n, _, h, w = x.shape
         padded = F.pad(x, (padding,) * 4)
@@ -78,8 +81,6 @@ def augment(x: torch.Tensor, padding: int, flip: bool, gen: torch.Generator, max
     if flip:
         mask = torch.rand(x.shape[0], generator=gen, device=x.device) < 0.5
         x = torch.where(mask[:, None, None, None], x.flip(3), x)
-    if max_shift:
-        x = resample(x, max_shift, gen)
     return x
 
 
@@ -93,7 +94,7 @@ def lga_loss(losses: torch.Tensor, gamma: float) -> torch.Tensor:
     return torch.sign(mean - gamma) * mean
 
 
-def make_optimizer(model: nn.Module, lr: float, p: TrainParams) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, lr: float, p: TrainSettings) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=p.momentum, weight_decay=p.weight_decay, nesterov=True)
 
 
@@ -110,7 +111,7 @@ def batches(n: int, batch_size: int, gen: torch.Generator, device) -> tuple[torc
 
 def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                 loss_fn: Callable[[torch.Tensor], torch.Tensor], batch_size: int, gen: torch.Generator,
-                padding: int = 0, flip: bool = False, freeze_bn: bool = False, max_shift: float = 0.0) -> float:
+                padding: int = 0, flip: bool = False, freeze_bn: bool = False) -> float:
     """One pass in random order; loss_fn maps per-sample CE losses to the loss to minimise.
 
     freeze_bn keeps BatchNorm on its running statistics (for ascent on a few suspects, whose batch
@@ -119,7 +120,7 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
     model.train(not freeze_bn)
     total = 0.0
     for idx in batches(len(y), batch_size, gen, y.device):
-        xb = augment(x[idx], padding, flip, gen, max_shift)
+        xb = augment(x[idx], padding, flip, gen)
         loss = loss_fn(F.cross_entropy(model(xb), y[idx], reduction="none"))
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -20,130 +20,72 @@ the largest, and its threshold keeps the false-positive rate at most `detect.gua
 images of the rest of the test split, whose own sampling noise the bound takes in. The threshold, the calibration
 data's hash and the detectors are in the file's metadata.
 
-`python -m stages guard IMAGE... [--json]` prints each image's predicted class, score and verdict.
+`python -m stages guard IMAGE... [--json]` (sanitizer/guard_cli.py) scores images with the shipped files.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from stages import paths
-from stages.config import Params
-from stages.data import Store, concat, store_hash
-from stages.detectors import (Gaussians, conv_stages, features, fit_adversarial_probe, fit_gaussians,
-                              fit_quarantine_net, fit_quarantine_probe, kth_distance, mahalanobis, mismatch, Probe,
-                              probe_score, quarantine_net_score)
-from stages.errors import SanitizeError
-from stages.onnx_io import input_batches, onnx_predictor, open_session
-from stages.models import model_spec
-from stages.train import channel_stats, to_tensor
-from stages.unlearn import implicated_class
+from sanitizer import paths
+from sanitizer.config import Params
+from sanitizer.rules import DataRules
+from sanitizer.data import Store, store_hash
+from sanitizer.detectors import (Probe, fit_adversarial_probe, fit_quarantine_net, fit_quarantine_probe, probe_score,
+                                 quarantine_net_score)
+from sanitizer.errors import SanitizeError
+from sanitizer.onnx_io import input_batches, open_session
+from sanitizer.models import model_spec
+from sanitizer.train import channel_stats, to_tensor
 
-FAMILIES = {"knn": "feature space (Sun et al. 2022, deep nearest neighbours)",
-            "quarantine_knn": "feature space (k-NN after Sun et al. 2022, clean neighbours against quarantined ones)",
-            "mahalanobis": "activation space (Lee et al. 2018, class-conditional Mahalanobis)",
-            "mismatch": "activation space (Lee et al.'s Gaussians: distance to the predicted class beyond the nearest, "
-                        "the consistency check of Papernot & McDaniel 2018)",
-            "probe": "activation space (Metzen et al. 2017: a detector on intermediate activations, here a logistic "
+FAMILIES = {"probe": "activation space (Metzen et al. 2017: a detector on intermediate activations, here a logistic "
                      "regression on the channel statistics of the last conv blocks, fitted on FGSM and PGD "
                      "examples of clean training images)",
             "quarantine_probe": "activation space (the probe's logistic regression on the same block statistics, "
                                 "clean training images against the quarantined suspects; Chen et al. 2019 found "
                                 "poison separable in activations)",
             "quarantine_net": "feature space, learned (Metzen et al. 2017's detector network, trained on the pixels: "
-                              "clean training images against the quarantined suspects)",
-            "disagreement": "model sensitivity (Jin et al.: prediction change under a mutation of the model; here the "
-                            "isolation checkpoint against the released model, its unlearned descendant)"}
+                              "clean training images against the quarantined suspects)"}
 
 
 # Left out of the guard when nothing is quarantined.
-NEEDS_QUARANTINE = ("quarantine_knn@", "quarantine_probe@", "quarantine_net@", "disagreement@")
+NEEDS_QUARANTINE = ("quarantine_probe@", "quarantine_net@")
 
 
-class KnnHead(nn.Module):
-    def __init__(self, bank: torch.Tensor, k: int):
-        super().__init__()
-        self.register_buffer("bank", F.normalize(bank, dim=1))
-        self.k = min(k, len(bank))
-
-    def forward(self, acts: list[torch.Tensor]) -> torch.Tensor:
-        return kth_distance(acts[-1], self.bank, self.k)
+SHIPPED = ("quarantine_net@input", "quarantine_probe@released", "probe@released")
+# Each shipped detector's weight in the false-positive split: the net catches triggers the released model no longer
+# represents, the probe adversarial inputs (bench/results/guard.md).
+SHIPPED_SHARES = {"quarantine_net@input": 0.7, "quarantine_probe@released": 0.1, "probe@released": 0.2}
 
 
-class QuarantineKnnHead(nn.Module):
-    """How much nearer the input lies to the quarantined suspects than to clean training samples:
-    d_k(x, clean) - d_k'(x, suspects), on normalised penultimate features. The isolation model learned the
-    trigger, so a triggered input lands beside the poison it quarantined, whatever the trigger looks like
-    (bench/results/guard.md, CIFAR-10 subset, TPR at FPR <= 5%: BadNets 5% 1.00 against 0.89 for
-    mahalanobis and 0.50 for knn on the same model; Blend 5% 1.00 against 0.11 and 0.03)."""
-
-    def __init__(self, clean: torch.Tensor, suspects: torch.Tensor, k_clean: int, k_suspects: int):
-        super().__init__()
-        self.clean, self.suspects = KnnHead(clean, k_clean), KnnHead(suspects, k_suspects)
-
-    def forward(self, acts: list[torch.Tensor]) -> torch.Tensor:
-        return self.clean(acts) - self.suspects(acts)
-
-
-class DisagreementHead(nn.Module):
-    """How much more the isolation checkpoint than the released model believes the implicated label (the
-    label most quarantined suspects carry): log(p_iso + eps) - log(p_rel + eps). The isolation model
-    learned the trigger; unlearning taught its descendant, the released model, to refuse it. On a clean
-    input the two agree (both low, or both high on a clean image of that class); a triggered input gets
-    near 1 from one and near 0 from the other. `eps` keeps the released model's confidence on clean
-    inputs (log-probabilities of -20 and below) from counting as disagreement; a log-ratio, not the plain
-    difference of probabilities, whose heavier clean tail raised the guard's threshold (measured, CIFAR-10
-    subset: PGD TPR of the whole guard 0.59 against 0.53). Measured alone (TPR at FPR <= 5%, 90%
-    confidence): default digits run 1.00 against 0.48 for quarantine_knn; CIFAR-10 subset, BadNets 10%
-    0.97, Blend 5% 1.00."""
-
-    def __init__(self, isolation_head: nn.Linear, released_head: nn.Linear, label: int, eps: float):
-        super().__init__()
-        # The models' own output layers, shared with the guard's backbones, not copies of their weights.
-        self.isolation_head, self.released_head = isolation_head, released_head
-        self.label, self.eps = label, eps
-
-    def forward(self, acts: dict[str, list[torch.Tensor]]) -> torch.Tensor:
-        p_iso = F.softmax(self.isolation_head(acts["isolation"][-1]), dim=1)[:, self.label]
-        p_rel = F.softmax(self.released_head(acts["released"][-1]), dim=1)[:, self.label]
-        return torch.log(p_iso + self.eps) - torch.log(p_rel + self.eps)
+@dataclass(frozen=True)
+class GuardSettings:
+    """The guard's detectors and constants: `guard_settings` fills them from params and the data's rules."""
+    detectors: tuple[str, ...]  # entries "<detector>@<model>"; the guard's score is the largest calibrated one
+    shares: dict | None  # each detector's weight in the false-positive split; None: released_share's split
+    fpr: float  # params guard.fpr
+    confidence: float  # params advanced.guard.confidence
+    probe_blocks: int  # conv blocks the probes read (sanitizer/rules.py)
+    seed: int = 0
+    released_share: float = 0.7  # without shares: the released model's detectors' share of fpr
+    probe_eps: float = 8 / 255  # probe: L-infinity budget of the FGSM / PGD examples it is fitted on
+    probe_steps: tuple[int, ...] = (1, 10)  # probe: FGSM and a 10-step PGD
+    probe_samples: int = 2000  # probes: clean training images they are fitted on
+    net_width: int = 4  # quarantine_net: width of its small CNN
+    net_epochs: int = 20  # quarantine_net: epochs of each round
+    net_rounds: int = 3  # quarantine_net: each round after the first trains on the suspects the last scored highest
+    net_refine: float = 0.55  # quarantine_net: share of suspects each later round leaves out
 
 
-class MahalanobisHead(nn.Module):
-    def __init__(self, g: Gaussians, stages: str):
-        super().__init__()
-        self.n, self.stages = len(g.means), stages
-        for i, (mu, prec, scale) in enumerate(zip(g.means, g.precisions, g.scales)):
-            self.register_buffer(f"mean{i}", mu)
-            self.register_buffer(f"precision{i}", prec)
-            self.register_buffer(f"scale{i}", scale.reshape(()))
-
-    def gaussians(self) -> Gaussians:
-        return Gaussians([getattr(self, f"mean{i}") for i in range(self.n)],
-                         [getattr(self, f"precision{i}") for i in range(self.n)],
-                         [getattr(self, f"scale{i}") for i in range(self.n)])
-
-    def forward(self, acts: list[torch.Tensor]) -> torch.Tensor:
-        return mahalanobis(conv_stages(acts, self.stages), self.gaussians())
-
-
-class MismatchHead(MahalanobisHead):
-    """`mismatch` on the model whose `head` (its output layer, shared with the guard's backbone) predicts."""
-
-    def __init__(self, g: Gaussians, stages: str, head: nn.Linear):
-        super().__init__(g, stages)
-        self.head = head
-
-    def forward(self, acts: list[torch.Tensor]) -> torch.Tensor:
-        return mismatch(conv_stages(acts, self.stages), self.gaussians(), self.head(acts[-1]).argmax(dim=1))
+def guard_settings(params: Params, rules: DataRules, detectors=SHIPPED, shares=SHIPPED_SHARES) -> GuardSettings:
+    return GuardSettings(tuple(detectors), shares, params.guard.fpr, params.advanced.guard.confidence,
+                         rules.probe_blocks, params.seed)
 
 
 class ProbeHead(nn.Module):
@@ -295,76 +237,79 @@ def calibrated_threshold(scores: np.ndarray, fpr: float, confidence: float = 0.5
     return float(kept if allowed == 0 else (kept + s[n - allowed]) / 2)
 
 
-def with_flagged(clean: Store, quarantined: Store, flagged_ids: list[str]) -> tuple[Store, Store]:
-    """(clean, suspects): the samples unlearn's recheck flagged (ids of the clean set) move from the clean set to the
-    quarantined suspects, for the detectors that learn from both."""
-    flagged = np.isin(clean.ids, np.asarray(flagged_ids, dtype=str))
-    if not flagged.any():
-        return clean, quarantined
-    return clean.subset(np.flatnonzero(~flagged)), concat(quarantined, clean.subset(np.flatnonzero(flagged)))
+@dataclass
+class FitData:
+    """What the detectors are fitted on: the models, the clean training set and the quarantine, on the device, and
+    a seeded sample of clean rows for the probes."""
+    g: GuardSettings
+    models: dict
+    clean: Store
+    quarantined: Store
+    x_clean: torch.Tensor
+    y_clean: torch.Tensor
+    sample: torch.Tensor  # indices into the clean set
+    device: torch.device
+
+
+def fit_probe(d: FitData, source: str):
+    g = d.g
+    head = ProbeHead(fit_adversarial_probe(d.models[source], d.x_clean[d.sample], d.y_clean[d.sample], g.probe_eps,
+                                           list(g.probe_steps), g.probe_blocks), g.probe_blocks)
+    return source, head, {"eps": g.probe_eps, "steps": list(g.probe_steps), "blocks": g.probe_blocks,
+                          "n_fit": int(len(d.sample))}
+
+
+def fit_quarantine_probe_head(d: FitData, source: str):
+    g = d.g
+    head = ProbeHead(fit_quarantine_probe(d.models[source], d.x_clean[d.sample], to_tensor(d.quarantined.x, d.device),
+                                          g.probe_blocks), g.probe_blocks)
+    return source, head, {"blocks": g.probe_blocks, "n_clean": int(len(d.sample)), "n_suspects": len(d.quarantined)}
+
+
+def fit_quarantine_net_head(d: FitData, source: str):
+    g = d.g
+    spec = model_spec(d.clean.image_shape, 2, g.net_width, *channel_stats(d.clean.x))
+    head = QuarantineNetHead(fit_quarantine_net(d.x_clean, to_tensor(d.quarantined.x, d.device), spec, g.net_epochs,
+                                                g.net_rounds, g.net_refine, g.seed))
+    return source, head, {"width": g.net_width, "epochs": g.net_epochs, "rounds": g.net_rounds, "refine": g.net_refine,
+                          "n_clean": len(d.clean), "n_suspects": len(d.quarantined)}
+
+
+# detector -> fitter(FitData, source) -> (what the head reads, the head, its description); bench/ adds alternatives.
+FITTERS = {"probe": fit_probe, "quarantine_probe": fit_quarantine_probe_head, "quarantine_net": fit_quarantine_net_head}
 
 
 @torch.no_grad()
-def fit_heads(params: Params, models: dict[str, nn.Module], clean: Store, quarantined: Store,
-              device: torch.device) -> dict[str, tuple]:
-    """Each detector of detect.guard fitted on the clean training set (and the quarantine): entry -> (the model
-    it reads, None or "input" (GuardNet), head, description). The detectors that need the quarantine are left out
-    when it is empty. The heads do not depend on which others are fitted beside them (the benchmark fits a superset once)."""
-    dp = params.detect
-    entries = [e for e in dp.guard if len(quarantined) or not e.startswith(NEEDS_QUARANTINE)]
-    x_clean, y_clean = to_tensor(clean.x, device), torch.from_numpy(clean.labels).to(device)
-    fitted = {name: features(m, x_clean) for name, m in models.items()}
-    rng = np.random.default_rng([params.seed, 0x6A7D])
-    bank = torch.from_numpy(np.sort(rng.permutation(len(clean))[:dp.knn_bank])).to(device)
-    sample = torch.from_numpy(np.sort(rng.permutation(len(clean))[:dp.probe_samples])).to(device)  # the probes'
+def fit_heads(g: GuardSettings, models: dict[str, nn.Module], clean: Store, quarantined: Store,
+              device: torch.device, fitters=None, families=None, needs_quarantine=NEEDS_QUARANTINE) -> dict[str, tuple]:
+    """Each detector of `g.detectors` fitted on the clean training set (and the quarantine): entry -> (what it reads:
+    a model's name, None for every model's or "input" (GuardNet), head, description). The detectors that need the
+    quarantine are left out when it is empty. A head does not depend on which others are fitted beside it."""
+    fitters, families = fitters or FITTERS, families or FAMILIES
+    entries = [e for e in g.detectors if len(quarantined) or not e.startswith(needs_quarantine)]
+    rng = np.random.default_rng([g.seed, 0x6A7D])
+    rng.permutation(len(clean))  # the first draw is the alternatives' feature bank (bench/guard_alternatives.py)
+    sample = torch.from_numpy(np.sort(rng.permutation(len(clean))[:g.probe_samples])).to(device)
+    data = FitData(g, models, clean, quarantined, to_tensor(clean.x, device), torch.from_numpy(clean.labels).to(device),
+                   sample, device)
     heads = {}
     for entry in entries:
         detector, source = entry.split("@")
-        acts = fitted.get(source)
-        extra, reads = {}, source
-        if detector == "disagreement":
-            extra, reads = {"model": "isolation against released", "label": implicated_class(quarantined.labels)}, None
-            head = DisagreementHead(models["isolation"].head, models["released"].head, extra["label"],
-                                    dp.disagreement_eps)
-        elif detector == "knn":
-            head = KnnHead(acts[-1][bank], dp.knn_k)
-        elif detector == "probe":
-            head = ProbeHead(fit_adversarial_probe(models[source], x_clean[sample], y_clean[sample], dp.probe_eps,
-                                                   dp.probe_steps, dp.probe_blocks), dp.probe_blocks)
-            extra = {"eps": dp.probe_eps, "steps": dp.probe_steps, "blocks": dp.probe_blocks, "n_fit": int(len(sample))}
-        elif detector == "quarantine_probe":
-            head = ProbeHead(fit_quarantine_probe(models[source], x_clean[sample], to_tensor(quarantined.x, device),
-                                                  dp.probe_blocks), dp.probe_blocks)
-            extra = {"blocks": dp.probe_blocks, "n_clean": int(len(sample)), "n_suspects": len(quarantined)}
-        elif detector == "quarantine_net":
-            spec = model_spec(clean.image_shape, 2, dp.net_width, *channel_stats(clean.x))
-            head = QuarantineNetHead(fit_quarantine_net(x_clean, to_tensor(quarantined.x, device), spec, dp.net_epochs,
-                                                        dp.net_rounds, dp.net_refine, params.seed))
-            extra = {"width": dp.net_width, "epochs": dp.net_epochs, "rounds": dp.net_rounds, "refine": dp.net_refine,
-                     "n_clean": len(clean), "n_suspects": len(quarantined)}
-        elif detector == "quarantine_knn":
-            suspects = features(models[source], to_tensor(quarantined.x, device))[-1]
-            head = QuarantineKnnHead(acts[-1][bank], suspects, dp.knn_k, dp.quarantine_k)
-        else:
-            stage_acts = conv_stages(acts, dp.mahalanobis_stages)
-            g = fit_gaussians(stage_acts, y_clean, len(clean.class_names))
-            head = (MismatchHead(g, dp.mahalanobis_stages, models[source].head) if detector == "mismatch"
-                    else MahalanobisHead(g, dp.mahalanobis_stages))
-        heads[entry] = (reads, head.to(device), {"detector": detector, "model": source, "family": FAMILIES[detector],
+        reads, head, extra = fitters[detector](data, source)
+        heads[entry] = (reads, head.to(device), {"detector": detector, "model": source, "family": families[detector],
                                                  **extra})
     return heads
 
 
 @torch.no_grad()
-def calibrate_guard(params: Params, models: dict[str, nn.Module], heads: dict[str, tuple], calibration: Store,
+def calibrate_guard(g: GuardSettings, models: dict[str, nn.Module], heads: dict[str, tuple], calibration: Store,
                     device: torch.device, check_size: int = 0) -> tuple[GuardNet, dict]:
     """The guard of these fitted heads (`fit_heads`), its scales and threshold calibrated on the calibration split
     (never trained on) for an FPR measured on `check_size` clean images (the gate's; 0: the true FPR), and its
     report."""
-    dp = params.detect
-    entries = [e for e in dp.guard if e in heads]
+    entries = [e for e in g.detectors if e in heads]
     if not entries:
-        raise SanitizeError(f"detect.guard lists only {dp.guard}, which need quarantined samples, and the quarantine "
+        raise SanitizeError(f"the guard lists only {list(g.detectors)}, which need quarantined samples, and the quarantine "
                             "is empty: add probe@released to detect.guard")
     guard = GuardNet(models, [heads[e][:2] for e in entries]).to(device).eval()
     described = [dict(heads[e][2]) for e in entries]
@@ -377,27 +322,27 @@ def calibrate_guard(params: Params, models: dict[str, nn.Module], heads: dict[st
     # percentile. So would a fixed percentile when the calibration split is small and the threshold lies at its
     # maximum: default digits run, 72 images, mahalanobis's maximum 2.46 times its 95th percentile set the threshold
     # above every triggered digit's disagreement (TPR 0.0; 0.90 at the kept rank, FPR 0.031).
-    shares = fpr_shares(entries, dp.guard_released_share, dp.guard_shares)
-    centre, scale, threshold, calibration_fpr = calibrate_scores(raw, shares, dp.guard_fpr, dp.guard_confidence,
+    shares = fpr_shares(entries, g.released_share, g.shares)
+    centre, scale, threshold, calibration_fpr = calibrate_scores(raw, shares, g.fpr, g.confidence,
                                                                  check_size)
     guard.centre.copy_(centre)
     guard.scale.copy_(scale)
     guard.threshold.fill_(threshold)
     for d, c, s, share in zip(described, guard.centre.tolist(), guard.scale.tolist(), shares):
         d.update(centre=round(c, 6), scale=round(s, 6), fpr_share=round(share, 4))
-    report = {"threshold": threshold, "target_fpr": dp.guard_fpr, "confidence": dp.guard_confidence,
+    report = {"threshold": threshold, "target_fpr": g.fpr, "confidence": g.confidence,
               "check_size": check_size, "n_calibration": len(calibration),
               "calibration_fpr": calibration_fpr, "calibration_hash": store_hash(calibration),
-              "detectors": described, "left_out": [e for e in dp.guard if e not in entries]}
+              "detectors": described, "left_out": [e for e in g.detectors if e not in entries]}
     return guard, report
 
 
 @torch.no_grad()
-def build_guard(params: Params, models: dict[str, nn.Module], clean: Store, quarantined: Store,
+def build_guard(g: GuardSettings, models: dict[str, nn.Module], clean: Store, quarantined: Store,
                 calibration: Store, device: torch.device, check_size: int = 0) -> tuple[GuardNet, dict]:
     """`fit_heads`, then `calibrate_guard`: the guard of detect.guard and its report."""
-    heads = fit_heads(params, models, clean, quarantined, device)
-    return calibrate_guard(params, models, heads, calibration, device, check_size)
+    heads = fit_heads(g, models, clean, quarantined, device)
+    return calibrate_guard(g, models, heads, calibration, device, check_size)
 
 
 def export_guard(guard: GuardNet, image_shape: tuple[int, int, int], path: Path, opset: int, meta: dict) -> None:
@@ -431,48 +376,22 @@ def onnx_guard(path: Path, batch_size: int = 512):
     return run, meta
 
 
-def read_image(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
-    """An image file as uint8 H x W x C in the model's shape, or a SanitizeError naming the file."""
-    from stages.sources import open_image
+def guard_rates(params, test, checks: list) -> dict:
+    """The shipped guard (models/guard.onnx) on the test split: false-positive rate on the clean images and,
+    with a red team, true-positive rate on the triggered non-target ones that ingest wrote; checked by
+    gate.min_guard_tpr."""
+    from sanitizer.data import load_store
 
-    if not path.is_file():
-        raise SanitizeError(f"{path}: no such image file")
-    arr, _ = open_image(path)
-    h, w, c = shape
-    if arr.shape[2] != c and c == 3:
-        arr = np.repeat(arr, 3, axis=2)  # a grayscale image given to an RGB model
-    if arr.shape != (h, w, c):
-        raise SanitizeError(f"{path}: image is {arr.shape[1]}x{arr.shape[0]} with {arr.shape[2]} channel(s); the model "
-                            f"takes {w}x{h} with {c}: resize it to the training images' size first")
-    return arr
-
-
-def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m stages guard", description="Score images with the guard shipped "
-                                 "beside the model: predicted class, suspicion score, verdict. Exit 0 when every "
-                                 "image was scored (flagged or not), 2 on bad input.")
-    ap.add_argument("images", nargs="+", type=Path, help="PNG or JPEG files, the size of the training images")
-    ap.add_argument("--json", action="store_true", help="one JSON list on stdout, for machines")
-    ap.add_argument("--model", type=Path, default=paths.ONNX_MODEL)
-    ap.add_argument("--guard", type=Path, default=paths.GUARD_ONNX)
-    args = ap.parse_args(argv)
-
-    guard, meta = onnx_guard(args.guard)
-    shape = tuple(json.loads(meta.get("image_shape", "null")) or ())
-    if len(shape) != 3:
-        raise SanitizeError(f"{args.guard}: metadata has no image_shape; re-run `dvc repro` to rebuild the guard")
-    class_names = json.loads(meta.get("class_names", "[]"))
-    x = np.stack([read_image(p, shape) for p in args.images])
-    predicted = onnx_predictor(args.model)(x)
-    scores, flags = guard(x)
-    threshold = float(meta["threshold"])
-    rows = [{"image": str(p), "class": int(c), "class_name": class_names[c] if c < len(class_names) else str(c),
-             "score": round(float(s), 4), "threshold": round(threshold, 4), "flagged": bool(f)}
-            for p, c, s, f in zip(args.images, predicted, scores, flags)]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        for r in rows:
-            print(f"{r['image']}\tclass {r['class']} ({r['class_name']})\tscore {r['score']:.3f}\t"
-                  f"{'FLAGGED' if r['flagged'] else 'ok'} (threshold {r['threshold']:.3f})")
-    return 0
+    score, meta = onnx_guard(paths.GUARD_ONNX)
+    out = {"threshold": float(meta.get("threshold", "nan")), "fpr": round(float(np.mean(score(test.x)[1])), 4)}
+    minimum = params.gate.min_guard_tpr
+    if params.redteam.attack:
+        triggered = load_store(paths.REDTEAM_TEST).x
+        out["tpr"] = round(float(np.mean(score(triggered)[1])), 4) if len(triggered) else float("nan")
+    if minimum is not None:
+        if "tpr" not in out:
+            raise SanitizeError("params.yaml: gate.min_guard_tpr is set but redteam.attack is null, so there are no "
+                                "triggered images to measure the guard on; set gate.min_guard_tpr: null")
+        checks.append({"name": "guard_tpr", "value": out["tpr"], "threshold": minimum, "rule": ">=",
+                       "passed": out["tpr"] >= minimum})
+    return out

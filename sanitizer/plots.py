@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.fileio import atomic_path
+from sanitizer.fileio import atomic_path
 
 ISOLATED_COLOR, KEPT_COLOR, ASR_COLOR = "#c0392b", "#2c7fb8", "#8e44ad"
 

@@ -21,9 +21,9 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from stages import paths
-from stages.config import Params
-from stages.fileio import write_text
+from sanitizer import paths
+from sanitizer.config import Params
+from sanitizer.fileio import write_text
 
 STYLE = """
 :root{--red:#c0392b;--green:#1e8449;--blue:#2c7fb8;--grey:#777}
@@ -211,8 +211,9 @@ def card(row, spark: str) -> str:
     return (f"<article class='card' tabindex='-1' data-id='{_e(row.id)}' data-label='{int(row.label)}' "
             f"data-decision='{_e(row.decision)}' data-state='{_e(row.decision)}' data-note='{_e(row.note)}'>"
             f"<img src='{_e(row.image)}' alt='suspect {_e(row.id)}' loading='lazy' width='128' height='128'>"
-            f"<div><b>#{int(row.rank)}</b> <span class='id'>{_e(row.id)}</span></div>"
+            f"<div><span class='id'>{_e(row.id)}</span> <span class='muted'>loss rank {int(row.rank)}</span></div>"
             f"<div>label {int(row.label)} ({_e(row.class_name)})</div>"
+            f"<div class='signal'>flagged by <b>{_e(row.signal)}</b>, score {float(row.score):.3g}</div>"
             f"<div>final loss {float(row.final_loss):.3g} &middot; suspicion {float(row.suspicion):.2f}</div>"
             f"{detector_line(row)}{spark}{note}<div class='state'>{_e(row.decision)}</div>"
             "<div class='js-only'><button type='button' data-decide='release'>release</button>"
@@ -245,10 +246,9 @@ def gate_section(gate: Optional[dict]) -> str:
 
 
 def params_line(params: Params) -> str:
-    ip, up, rt = params.isolate, params.unlearn, params.redteam
-    parts = [f"seed={params.seed}", f"data.source={params.data.source}", f"isolate.epochs={ip.epochs}",
-             f"isolate.gamma={ip.gamma}", f"isolate.selection={ip.selection}", f"isolate.ratio={ip.ratio}",
-             f"unlearn.mode={up.mode}"]
+    rt = params.redteam
+    parts = [f"seed={params.seed}", f"data.source={params.data.source}", f"defense.method={params.defense.method}",
+             f"train.isolate_epochs={params.train.isolate_epochs}", f"train.finetune_epochs={params.train.finetune_epochs}"]
     if rt.attack:
         parts.append(f"red-team simulation: {rt.attack} at {rt.poison_rate:.0%} to label {rt.target}")
     return ", ".join(parts)
@@ -259,7 +259,7 @@ def render_review_page(manifest: pd.DataFrame, scores: pd.DataFrame, kept: pd.Da
                        plot_files: list[str]) -> str:
     epochs = [c for c in scores.columns if c.startswith("loss_epoch_")]
     kept_median = scores.loc[scores["isolated"] == 0, epochs].median().to_numpy() if len(scores) else np.zeros(0)
-    suspects = manifest.merge(scores[["id", *epochs]], on="id", how="left").sort_values("rank")
+    suspects = manifest.merge(scores[["id", *epochs]], on="id", how="left")  # the manifest's order: by signal
     curves = suspects[epochs].to_numpy(dtype=float)
     logs = np.log10(np.r_[curves.ravel(), kept_median] + 1e-6) if len(suspects) else np.zeros(1)
     lo, hi = float(np.nanmin(logs)), float(np.nanmax(logs))
@@ -314,7 +314,7 @@ def render_review_page(manifest: pd.DataFrame, scores: pd.DataFrame, kept: pd.Da
 <button id="export" type="button">Export decisions.csv</button> <button id="reset" type="button">Forget changes</button>
 <span class="muted"><kbd>&larr;</kbd><kbd>&rarr;</kbd><kbd>&uarr;</kbd><kbd>&darr;</kbd> move,
 <kbd>r</kbd> release, <kbd>c</kbd> confirm, <kbd>u</kbd> undo</span></div>
-<main><h2>Suspects, most suspicious first</h2>
+<main><h2>Suspects, by the signal that flagged them, most suspicious first</h2>
 <noscript><p>Without JavaScript the page shows the {min(PAGE, len(manifest))} most suspicious of the
 {len(manifest)} suspects (all: <code>python -m stages review list</code>). Record decisions in <code>review/decisions.csv</code> (<code>id,decision,note</code>)
 or with <code>python -m stages review release|confirm ID...</code>.</p></noscript>

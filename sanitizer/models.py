@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from stages.errors import SanitizeError
+from sanitizer.errors import SanitizeError
 
 
 def conv_block(c_in: int, c_out: int) -> nn.Sequential:
@@ -79,18 +79,30 @@ def model_spec(image_shape: tuple[int, int, int], n_classes: int, width: int, me
 
 
 def save_checkpoint(path: Path, model: SmallCNN, spec: dict, extra: dict) -> None:
-    from stages.fileio import atomic_path
+    from sanitizer.fileio import atomic_path
 
     with atomic_path(path) as tmp:
         torch.save({"spec": spec, "state_dict": model.state_dict(), **extra}, tmp)
+
+
+def save_empty_checkpoint(path: Path, reason: str) -> None:
+    """A declared model output of a step that did not run: it holds no weights, only why."""
+    from sanitizer.fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save({"spec": None, "state_dict": None, "empty": reason}, tmp)
 
 
 def load_checkpoint(path: Path, device: torch.device) -> tuple[SmallCNN, dict]:
     """weights_only=True: a checkpoint is data, and loading one must never run code."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
+        if ckpt.get("empty"):
+            raise SanitizeError(f"{path}: holds no model ({ckpt['empty']}); re-run `dvc repro`")
         model = build_model(ckpt["spec"]).to(device)
         model.load_state_dict(ckpt["state_dict"])
+    except SanitizeError:
+        raise
     except FileNotFoundError:
         raise SanitizeError(f"{path}: not found; run the stage that writes it first (dvc repro)") from None
     except Exception as err:  # a corrupt or foreign file: many exception types, one meaning

@@ -20,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-from stages.errors import SanitizeError
+from sanitizer.errors import SanitizeError
 
 
 @dataclass

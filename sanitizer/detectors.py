@@ -35,6 +35,12 @@ import torch
 import torch.nn.functional as F
 
 BATCH = 1024
+TRAINING_DETECTORS = ("strip", "mahalanobis", "knn_density")  # scored on the training set: scores.csv, review page
+STRIP_BLENDS = 4  # clean images superimposed on each input
+STRIP_ALPHA = 0.5  # weight of the superimposed clean image
+DENSITY_K = 20  # knn_density: the neighbour (within the label) whose distance is the score
+WHITEN_RIDGE = 3e-4  # input_spectral: floor added to each pixel-covariance eigenvalue, as a share of the largest
+MAHALANOBIS_STAGES = "last"  # the conv stages mahalanobis reads: "last" or "all"
 
 
 def in_batches(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int = BATCH) -> torch.Tensor:
@@ -227,8 +233,8 @@ def fit_quarantine_net(clean: torch.Tensor, suspects: torch.Tensor, spec: dict, 
     376-381 after round two; TPR on triggered test images at 1.7% / 2.75% FPR: 2 rounds 0.80-0.86 / 0.85-0.90
     (moving the rest to the clean side, one seed: 0.84 / 0.89; at refine 0.45: 0.76-0.77 / 0.84), 3 rounds
     0.86-0.87 / 0.89-0.91."""
-    from stages.models import build_model
-    from stages.train import batches
+    from sanitizer.models import build_model
+    from sanitizer.train import batches
 
     @torch.enable_grad()  # callers fit detectors under no_grad
     def train(positives: torch.Tensor) -> torch.nn.Module:
@@ -358,27 +364,28 @@ def knn_density(feats: torch.Tensor, labels: torch.Tensor, k: int = 20) -> torch
     return out
 
 
-def training_scores(model, x: torch.Tensor, labels: torch.Tensor, names, p, seed: int,
+def training_scores(model, x: torch.Tensor, labels: torch.Tensor, names, seed: int,
                     feats: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The detectors `names` (params detect.training) scored on a training set with the isolation model;
-    statistics are fitted on the set itself (no clean reference exists at training time). `feats`: the model's
-    `features(model, x)`, when the caller has them already."""
+    """The detectors `names` scored on a training set with the isolation model; statistics are fitted on the set
+    itself (no clean reference exists at training time). `feats`: `features(model, x)`, when the caller has them."""
     scores = {}
     if feats is None and set(names) - {"strip", "input_spectral"}:
         feats = features(model, x)
     for name in names:
         if name == "strip":
             bank = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:256].to(x.device)]
-            scores[name] = strip(model, x, bank, p.strip_blends, p.strip_alpha, seed)
+            scores[name] = strip(model, x, bank, STRIP_BLENDS, STRIP_ALPHA, seed)
         elif name == "mahalanobis":
-            stage_acts = conv_stages(feats, p.mahalanobis_stages)
+            stage_acts = conv_stages(feats, MAHALANOBIS_STAGES)
             scores[name] = mahalanobis(stage_acts, fit_gaussians(stage_acts, labels, int(labels.max()) + 1))
         elif name == "spectral":
             scores[name] = spectral(feats[-1], labels)
         elif name == "knn_density":
-            scores[name] = knn_density(feats[-1], labels, p.density_k)
+            scores[name] = knn_density(feats[-1], labels, DENSITY_K)
         elif name == "input_spectral":
-            scores[name] = input_spectral(x, labels, p.whiten_ridge)
+            scores[name] = input_spectral(x, labels, WHITEN_RIDGE)
+        else:
+            raise ValueError(f"unknown training detector {name!r}")
     return scores
 
 

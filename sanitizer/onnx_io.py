@@ -7,7 +7,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from stages.errors import SanitizeError
+from sanitizer.errors import SanitizeError
 
 
 def open_session(path: Path, what: str):

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages import paths
-from stages.errors import SanitizeError
-from stages.fileio import write_csv
-from stages.quarantine import DECISION_COLUMNS, DECISIONS, read_decisions
+from sanitizer import paths
+from sanitizer.errors import SanitizeError
+from sanitizer.fileio import write_csv
+from sanitizer.quarantine import DECISION_COLUMNS, DECISIONS, read_decisions
 
 APPLY_HINT = "run `dvc repro` to apply (it re-runs quarantine, unlearn, export and gate)"
 
@@ -30,7 +30,7 @@ APPLY_HINT = "run `dvc repro` to apply (it re-runs quarantine, unlearn, export a
 def load_manifest() -> pd.DataFrame:
     if not paths.QUARANTINE_CSV.exists():
         raise SanitizeError(f"{paths.QUARANTINE_CSV}: not found; run `dvc repro` first to isolate and quarantine suspects")
-    return pd.read_csv(paths.QUARANTINE_CSV, dtype={"id": str}, keep_default_na=False).sort_values("rank")
+    return pd.read_csv(paths.QUARANTINE_CSV, dtype={"id": str}, keep_default_na=False)  # most suspicious first
 
 
 def save(manifest: pd.DataFrame, decisions: dict[str, tuple[str, str]]) -> None:
@@ -54,6 +54,8 @@ def summary(manifest: pd.DataFrame, decisions: dict) -> None:
     if len(manifest):
         by_class = manifest["class_name"].astype(str).value_counts()
         print("by class: " + ", ".join(f"{name} {n} ({n / len(manifest):.0%})" for name, n in by_class.items()))
+        by_signal = manifest["signal"].astype(str).value_counts()
+        print("flagged by: " + ", ".join(f"{name} {n}" for name, n in by_signal.items()))
     applied = dict(zip(manifest["id"], manifest["decision"]))
     pending_changes = sum(1 for i, s in zip(manifest["id"], state) if applied[i] != s)
     if pending_changes:
@@ -73,10 +75,10 @@ def listing(manifest: pd.DataFrame, decisions: dict, cls: str | None, decision: 
     state = {i: decisions.get(i, ("pending", "")) for i in rows["id"]}
     if decision is not None:
         rows = rows[[state[i][0] == decision for i in rows["id"]]]
-    print(f"{'rank':>5}  {'id':<24} {'label':<14} {'final loss':>10}  decision")
+    print(f"{'id':<24} {'label':<14} {'flagged by':<28} {'score':>9}  decision")
     for r in rows.itertuples(index=False):
         d, note = state[r.id]
-        print(f"{r.rank:>5}  {r.id:<24} {f'{r.label} ({r.class_name})':<14} {r.final_loss:>10.3g}  {d}"
+        print(f"{r.id:<24} {f'{r.label} ({r.class_name})':<14} {r.signal:<28} {r.score:>9.3g}  {d}"
               + (f"  # {note}" if note else ""))
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.errors import SanitizeError
-from stages.fileio import atomic_path
+from sanitizer.errors import SanitizeError
+from sanitizer.fileio import atomic_path
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,13 @@ def save_store(path: Path | str, store: Store) -> None:
                 fh, x=store.x, labels=store.labels, ids=store.ids, sha256=store.sha256,
                 class_names=np.asarray(store.class_names, dtype=str),
             )
+
+
+def save_arrays(path: Path | str, store: Store) -> None:
+    """The store as a user's npz source: x_train (uint8 N x H x W x C), y_train and ids_train."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, x_train=store.x, y_train=store.labels, ids_train=store.ids)
 
 
 def load_store(path: Path | str) -> Store:

@@ -1,0 +1,195 @@
+"""Typed params: params.yaml is validated once, here, and every stage gets a `Params`.
+
+params.yaml holds what a user sets: the data, the red team, the model and its training budget, the defense,
+the guard's false-positive rate and the gate. Research constants live beside the algorithm that uses them; the
+few worth overriding are in the `advanced` section (all optional, documented in the schema).
+`python -m stages schema` writes schemas/params.schema.json from these models; a test keeps it current.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sanitizer.errors import SanitizeError
+
+PARAMS_FILE = Path("params.yaml")
+SCHEMA_FILE = Path("schemas/params.schema.json")
+
+
+class Section(BaseModel):
+    # extra="forbid": a typo in params.yaml is an error, not a silently ignored key.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(Section):
+    source: Literal["digits", "npz", "cifar10", "imagefolder"] = Field(
+        "digits", description="digits: scikit-learn's load_digits (embedded); npz: x_train,y_train,x_test,y_test; "
+        "cifar10: the python batches directory; imagefolder: train/<class>/*.png|jpg and test/<class>/..."
+    )
+    path: Optional[str] = Field(None, description="file or directory of the source; unused for digits")
+    test_size: float = Field(0.2, gt=0, lt=1, description="test share of digits (the other sources bring their own split)")
+    calibration_size: float = Field(
+        0.5, gt=0, lt=1, description="share of the test split (per class) held out to calibrate the guard's "
+        "threshold: data no stage trains on and the gate does not score (more images, a tighter threshold)"
+    )
+    classes: Optional[list[str]] = Field(
+        None, min_length=2, description="class names by label; default: from the source, else '0'..'K-1'"
+    )
+
+
+class RedteamParams(Section):
+    """A simulated attack for demos, tests and benchmarks. Only ingest (which plants it) and the metrics read it."""
+    attack: Optional[Literal["badnets", "blend", "sig", "wanet"]] = Field(
+        "badnets", description="trigger used to poison the training set (simulation); null: no poisoning. "
+        "badnets, blend, wanet: dirty-label, all-to-one; sig: clean-label (target-class samples, labels kept)"
+    )
+    poison_rate: float = Field(0.1, ge=0, le=0.5, description="share of training samples poisoned")
+    target: int = Field(0, ge=0, description="label the trigger maps to")
+    patch_size: int = Field(3, ge=1, le=16, description="badnets: side of the corner patch, pixels (Gu et al. 2017)")
+    blend_alpha: float = Field(0.2, gt=0, lt=1, description="blend: weight of the noise pattern (Chen et al. 2017)")
+    sig_delta: float = Field(20.0, gt=0, le=255, description="sig: amplitude of the sinusoid, in 0-255 pixel units "
+                             "(Barni et al. 2019)")
+    sig_frequency: float = Field(6.0, gt=0, le=64, description="sig: periods across the image width")
+    wanet_k: int = Field(4, ge=2, le=64, description="wanet: side of the control grid of the warping field "
+                         "(Nguyen & Tran 2021)")
+    wanet_s: float = Field(0.5, gt=0, le=10, description="wanet: warp strength")
+    wanet_cross_ratio: float = Field(2.0, ge=0, le=10, description="wanet: noise-mode samples per backdoor sample")
+
+
+class ModelParams(Section):
+    width: int = Field(32, ge=4, le=512, description="channels of the first conv block (doubled per stage)")
+
+
+class TrainParams(Section):
+    """The training budget. The released model trains for isolate_epochs + finetune_epochs in all."""
+    isolate_epochs: int = Field(20, ge=1, le=1000, description="epochs of the isolation model (ABL stage one)")
+    finetune_epochs: int = Field(20, ge=0, le=1000, description="epochs of clean fine-tuning before unlearning")
+    batch_size: int = Field(128, ge=1, le=65536)
+    lr: float = Field(0.05, gt=0, le=10, description="SGD learning rate of every training run")
+
+
+class DefenseParams(Section):
+    method: Literal["full", "abl", "off"] = Field(
+        "full", description="full: the pipeline's defense (docs/method.md); abl: plain Anti-Backdoor Learning "
+        "(Li et al. 2021: the 1% lowest-loss samples, gradient ascent), for comparison; off: no sample leaves "
+        "training (an undefended baseline the gate should block)"
+    )
+
+
+class GuardParams(Section):
+    fpr: float = Field(0.05, gt=0, lt=1, description="false-positive rate the guard (models/guard.onnx) is "
+                       "calibrated to, on clean images")
+
+
+class GateParams(Section):
+    max_asr: float = Field(0.05, ge=0, le=1, description="release blocked when any attack success rate is higher")
+    min_clean_accuracy: float = Field(0.9, ge=0, le=1, description="release blocked when clean accuracy is lower")
+    min_guard_tpr: Optional[float] = Field(
+        None, ge=0, le=1, description="release blocked when the guard flags fewer of the red team's triggered "
+        "test images; null: reported, not checked"
+    )
+
+
+class AdvancedTrain(Section):
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0, le=1, description="SGD weight decay")
+    crop_padding: Optional[int] = Field(None, ge=0, le=8, description="random-crop padding in pixels; null: "
+                                        "from the image size (sanitizer/rules.py)")
+    flip: Optional[bool] = Field(None, description="random horizontal flips; null: from the data, on when the "
+                                 "classes look alike mirrored (sanitizer/rules.py)")
+
+
+class AdvancedIsolate(Section):
+    gamma: float = Field(0.5, gt=0, le=10, description="LGA loss floor: sign(L - gamma) * L (ABL eq. 3)")
+    ratio: float = Field(0.01, gt=0, le=0.5, description="share isolated when the loss curves show no separate "
+                         "group (plain ABL's fixed share)")
+    max_ratio: float = Field(0.25, gt=0, le=0.5, description="never isolate more than this share of the set")
+
+
+class AdvancedUnlearn(Section):
+    epochs: int = Field(3, ge=0, le=1000, description="unlearning epochs (full: passes over the clean set)")
+    lr: float = Field(2e-3, gt=0, le=1, description="unlearning learning rate")
+    holdout: float = Field(0.1, gt=0, lt=0.5, description="share of the clean set held out to watch clean accuracy")
+    max_accuracy_drop: float = Field(0.05, ge=0, le=1, description="an unlearning epoch that costs more held-out "
+                                     "accuracy than this is rolled back")
+
+
+class AdvancedGuard(Section):
+    confidence: float = Field(
+        0.99, ge=0.5, lt=1, description="the guard's false-positive rate, as the gate measures it on the clean "
+        "test images, is at most guard.fpr with this probability (a beta-binomial bound on the calibration split)"
+    )
+
+
+class AdvancedExport(Section):
+    atol: float = Field(1e-4, gt=0, le=1, description="max |onnxruntime - torch| logit on real samples")
+    opset: int = Field(18, ge=18, le=23, description="ONNX opset")
+
+
+class AdvancedParams(Section):
+    """Research constants a user may still want to override; everything here is optional."""
+    train: AdvancedTrain = AdvancedTrain()
+    isolate: AdvancedIsolate = AdvancedIsolate()
+    unlearn: AdvancedUnlearn = AdvancedUnlearn()
+    guard: AdvancedGuard = AdvancedGuard()
+    export: AdvancedExport = AdvancedExport()
+
+
+class Params(Section):
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds splits, poisoning, initialisation and batch order")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
+    data: DataParams = DataParams()
+    redteam: RedteamParams = RedteamParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    defense: DefenseParams = DefenseParams()
+    guard: GuardParams = GuardParams()
+    gate: GateParams = GateParams()
+    advanced: AdvancedParams = AdvancedParams()
+
+    @model_validator(mode="after")
+    def _source_needs_path(self) -> "Params":
+        if self.data.source != "digits" and not self.data.path:
+            raise ValueError(f"data.path is required for data.source={self.data.source!r}")
+        return self
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml; any problem becomes one SanitizeError naming the key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SanitizeError(f"{path}: not found; run from the project root or create it (see README.md)") from None
+    except IsADirectoryError:
+        raise SanitizeError(f"{path}: is a directory; pass the params file (params.yaml)") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise SanitizeError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SanitizeError(f"{path}: expected a mapping of sections (seed, data, train, ...), got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors(include_url=False):
+            key = ".".join(str(part) for part in e["loc"]) or "(top level)"
+            problems.append(f"{key}: {e['msg']} (got {str(e.get('input'))[:80]!r})")
+        raise SanitizeError(f"{path}: " + "; ".join(problems)) from None
+
+
+def params_hash(params: Params) -> str:
+    """sha256 of the settings that produce the model (all but the gate's), as canonical JSON."""
+    blob = json.dumps(params.model_dump(mode="json", exclude={"gate"}), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def schema_json() -> str:
+    return json.dumps(Params.model_json_schema(), indent=2) + "\n"

@@ -1,0 +1,60 @@
+"""Metrics: the only code that reads red-team truth. The defense never calls it to choose anything."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from sanitizer import paths
+
+
+def clean_accuracy(predict, images: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(predict(images) == labels))
+
+
+def attack_success_rate(predict, images: np.ndarray, labels: np.ndarray, trigger, target: int) -> float:
+    """Share of triggered images, true label not the target, classified as the target."""
+    keep = labels != target
+    if not keep.any():
+        return float("nan")
+    return float(np.mean(predict(trigger(images[keep])) == target))
+
+
+def poisoned_ids() -> set[str] | None:
+    """Ids of the samples that carry the red team's trigger and target label (WaNet's noise-mode samples keep their
+    labels and are not counted); None without a red team."""
+    if not paths.REDTEAM_TRUTH.exists():
+        return None
+    truth = pd.read_csv(paths.REDTEAM_TRUTH, dtype={"id": str}, keep_default_na=False)
+    return set(truth.loc[truth["role"] == "backdoor", "id"])
+
+
+def isolation_quality(flagged_ids, poisoned: set[str] | None) -> dict:
+    """Precision and recall of a set of flagged ids against the red team's poison (empty without one)."""
+    if not poisoned:
+        return {}
+    flagged = [i for i in flagged_ids]
+    hits = sum(1 for i in flagged if i in poisoned)
+    return {"isolation_precision": round(hits / len(flagged), 4) if flagged else None,
+            "isolation_recall": round(hits / len(poisoned), 4)}
+
+
+def class_shares(labels: np.ndarray, class_names) -> dict:
+    """Per-class share of a set of suspects, and its dominant class."""
+    shares = {class_names[c]: round(float(np.mean(labels == c)), 4) for c in np.unique(labels)}
+    return {"n": int(len(labels)), "class_share": shares, "dominant_class": max(shares, key=shares.get) if shares else None}
+
+
+def asr_watch(device):
+    """ASR per epoch on the red-team test images that ingest wrote, for the training curves only (None without a red
+    team). A metric, like isolation precision: no choice of the defense reads it."""
+    import torch
+
+    from sanitizer.data import load_store
+    from sanitizer.train import accuracy, to_tensor
+
+    if not paths.REDTEAM_TEST.exists():
+        return None
+    triggered = load_store(paths.REDTEAM_TEST)
+    x, target = to_tensor(triggered.x, device), torch.from_numpy(triggered.labels).to(device)
+    return lambda model: {"asr": accuracy(model, x, target)}

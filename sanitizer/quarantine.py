@@ -1,0 +1,101 @@
+"""The quarantine: every sample that leaves training, whatever flagged it, with its signal and score.
+
+Isolation's suspects and the second look's flags are merged into one manifest; a reviewer's decisions
+(`review/decisions.csv`) release false positives back to the clean set or confirm them. Invariant, checked on every
+run: ids(clean) + ids(quarantine) = ids(ingested), no overlap, hashes unchanged.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sanitizer.data import Store
+from sanitizer.errors import SanitizeError
+
+DECISIONS = ("release", "confirm")
+DECISION_COLUMNS = ["id", "decision", "note"]
+MANIFEST_COLUMNS = ["id", "label", "class_name", "signal", "score", "rank", "final_loss", "suspicion", "decision",
+                    "quarantined", "note", "sha256", "image"]
+SUSPECT_COLUMNS = ["id", "label", "signal", "score"]  # what every flagging stage writes (isolated.csv, flagged.csv)
+
+
+def read_decisions(path: Path, suspects: set[str]) -> dict[str, tuple[str, str]]:
+    """id -> (decision, note). Every problem names the row and the fix; nothing is guessed."""
+    if not path.exists():
+        return {}
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            header = reader.fieldnames or []
+            missing = [c for c in ("id", "decision") if c not in header]
+            if missing:
+                raise SanitizeError(f"{path}: missing column(s) {missing}; the header must be {','.join(DECISION_COLUMNS)}")
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise SanitizeError(f"{path}: not a readable UTF-8 CSV ({err}); "
+                            f"header must be {','.join(DECISION_COLUMNS)}") from None
+    decisions: dict[str, tuple[str, str]] = {}
+    for line, row in enumerate(rows, start=2):
+        sample_id, decision = (row.get("id") or "").strip(), (row.get("decision") or "").strip().lower()
+        if sample_id in decisions:
+            raise SanitizeError(f"{path}:{line}: id {sample_id!r} appears twice; keep one row per sample")
+        if decision not in DECISIONS:
+            raise SanitizeError(f"{path}:{line}: decision {row.get('decision')!r} for {sample_id!r} "
+                                f"is not one of {DECISIONS}")
+        if sample_id not in suspects:
+            raise SanitizeError(f"{path}:{line}: id {sample_id!r} is not among the flagged suspects; "
+                                "remove the row (see data/quarantine/quarantine.csv for the suspects)")
+        decisions[sample_id] = (decision, (row.get("note") or "").strip())
+    return decisions
+
+
+def check_partition(ingested: Store, clean: Store, quarantined: Store) -> None:
+    """Nothing lost, nothing duplicated, nothing altered. A failure here is a bug, not bad input."""
+    clean_ids, q_ids = set(clean.ids), set(quarantined.ids)
+    if clean_ids & q_ids:
+        raise RuntimeError(f"quarantine invariant: {len(clean_ids & q_ids)} sample(s) both clean and quarantined")
+    if clean_ids | q_ids != set(ingested.ids) or len(clean) + len(quarantined) != len(ingested):
+        raise RuntimeError("quarantine invariant: clean + quarantine is not the ingested set")
+    original = dict(zip(ingested.ids, ingested.sha256))
+    for part in (clean, quarantined):
+        if any(original[i] != h for i, h in zip(part.ids, part.sha256)):
+            raise RuntimeError("quarantine invariant: a sample's hash changed between ingest and quarantine")
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path, format="PNG")
+
+
+def typical_kept(scores: pd.DataFrame, suspects: set, labels: set, per_class: int = 6) -> list[tuple[str, int]]:
+    """Kept samples of each suspect class whose final loss is nearest the class median: what a normal
+    sample of that class looks like, beside the suspects."""
+    out = []
+    for label in sorted(labels):
+        kept = scores[(scores["label"] == label) & ~scores["id"].isin(suspects)]
+        nearest = (kept["final_loss"] - kept["final_loss"].median()).abs().sort_values(kind="stable").index[:per_class]
+        out += [(sample_id, int(label)) for sample_id in kept.loc[nearest, "id"]]
+    return out
+
+
+def merge_suspects(*tables: pd.DataFrame) -> pd.DataFrame:
+    """One row per suspect (id, label, signal, score) from each flagging stage's table, in order: a sample flagged by
+    two keeps the first stage's row (isolation's), with the other signal named too."""
+    rows = pd.concat([t[SUSPECT_COLUMNS] for t in tables], ignore_index=True)
+    signals = rows.groupby("id", sort=False)["signal"].agg(lambda s: " + ".join(dict.fromkeys(s)))
+    merged = rows.drop_duplicates("id", keep="first").set_index("id")
+    merged["signal"] = signals
+    return merged.reset_index()
+
+
+def partition(store: Store, suspects: set[str], released: set[str]) -> tuple[Store, Store]:
+    """(clean, quarantined) in ingest order: every suspect not released is quarantined; checked."""
+    out = np.isin(store.ids, list(suspects - released))
+    clean, quarantined = store.subset(np.flatnonzero(~out)), store.subset(np.flatnonzero(out))
+    check_partition(store, clean, quarantined)
+    return clean, quarantined
