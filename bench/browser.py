@@ -47,7 +47,8 @@ def synthetic_page(folder: Path, n: int, class_names: list[str], ids: list[str] 
     for k in range(n):
         Image.fromarray(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)).save(folder / f"images/{k:05d}.png")
     manifest = pd.DataFrame({"id": ids, "label": labels, "class_name": [class_names[c] for c in labels],
-                             "signal": "isolation:fused", "score": np.linspace(5, 1, n), "rank": np.arange(1, n + 1), "final_loss": losses[:, -1], "suspicion": -np.log(losses).mean(1),
+                             "signal": "isolation:fused", "score": np.linspace(5, 1, n), "rank": np.arange(1, n + 1),
+                             "final_loss": losses[:, -1], "suspicion": -np.log(losses).mean(1),
                              "decision": "pending", "quarantined": 1, "note": "", "sha256": "",
                              "image": [f"images/{k:05d}.png" for k in range(n)]})
     scores = pd.DataFrame(losses, columns=epochs)

@@ -396,7 +396,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         lines.append(f"- **{name}**: `{json.dumps(prof, sort_keys=True)}`")
     lines += ["", "Defenses (`defense.method`): **none** (off, all data), **oracle** (off, the touched samples removed), "
               "**abl** (plain ABL), **full** (the shipped defense; precision and recall count every quarantined "
-              "sample: isolation's and the second look's). ASR: triggered test images whose label is not the target, classified as the target. "
+              "sample: isolation's and the second look's). ASR: triggered test images whose label is not the target, "
+              "classified as the target. "
               "Isolation precision/recall count the samples carrying the trigger and the target label "
               "(WaNet's noise-mode samples keep their labels and are not counted).", ""]
     lines += ["| dataset | attack | rate | defense | CA | ASR | iso. precision | iso. recall | seconds |",
@@ -425,7 +426,8 @@ def guard_markdown(rows: list[dict], costs: list[dict], meta: dict) -> str:
              "images, TPR on "
              "malicious ones (red-team triggered non-target images, or FGSM / PGD, L-inf eps 8/255, PGD 10 steps "
              "of eps/4, against the released model of a clean training run, poison rate 0). `guard` "
-             "is the shipped combination (largest calibrated score of its detectors, sanitizer/guard.py SHIPPED: each detector at 0 on its "
+             "is the shipped combination (largest calibrated score of its detectors, sanitizer/guard.py SHIPPED: "
+             "each detector at 0 on its "
              "calibration median, 1 at its own score of the calibration rank of its share of the images the "
              "threshold may flag, SHIPPED_SHARES); the other rows are its detectors alone and unshipped alternatives "
              "(`strip@isolation` costs one forward pass per blend).", "",

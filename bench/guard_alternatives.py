@@ -17,21 +17,14 @@ from sanitizer.guard import FAMILIES, FITTERS, NEEDS_QUARANTINE, FitData
 from sanitizer.isolation import implicated_class
 from sanitizer.train import to_tensor
 
-ALTERNATIVE_FAMILIES = {k: v for k, v in {"knn": "feature space (Sun et al. 2022, deep nearest neighbours)",
-            "quarantine_knn": "feature space (k-NN after Sun et al. 2022, clean neighbours against quarantined ones)",
-            "mahalanobis": "activation space (Lee et al. 2018, class-conditional Mahalanobis)",
-            "mismatch": "activation space (Lee et al.'s Gaussians: distance to the predicted class beyond the nearest, "
-                        "the consistency check of Papernot & McDaniel 2018)",
-            "probe": "activation space (Metzen et al. 2017: a detector on intermediate activations, here a logistic "
-                     "regression on the channel statistics of the last conv blocks, fitted on FGSM and PGD "
-                     "examples of clean training images)",
-            "quarantine_probe": "activation space (the probe's logistic regression on the same block statistics, "
-                                "clean training images against the quarantined suspects; Chen et al. 2019 found "
-                                "poison separable in activations)",
-            "quarantine_net": "feature space, learned (Metzen et al. 2017's detector network, trained on the pixels: "
-                              "clean training images against the quarantined suspects)",
-            "disagreement": "model sensitivity (Jin et al.: prediction change under a mutation of the model; here the "
-                            "isolation checkpoint against the released model, its unlearned descendant)"}.items() if k not in FAMILIES}
+ALTERNATIVE_FAMILIES = {
+    "knn": "feature space (Sun et al. 2022, deep nearest neighbours)",
+    "quarantine_knn": "feature space (k-NN after Sun et al. 2022, clean neighbours against quarantined ones)",
+    "mahalanobis": "activation space (Lee et al. 2018, class-conditional Mahalanobis)",
+    "mismatch": "activation space (Lee et al.'s Gaussians: distance to the predicted class beyond the nearest, the "
+                "consistency check of Papernot & McDaniel 2018)",
+    "disagreement": "model sensitivity (Jin et al.: prediction change under a mutation of the model; here the isolation "
+                    "checkpoint against the released model, its unlearned descendant)"}
 
 
 @dataclass(frozen=True)

@@ -26,14 +26,16 @@ def table(defense: list[dict], guard: list[dict], meta: dict, dataset: str = "ci
     rows = {(r["attack"], r["poison_rate"], r["defense"]): r for r in defense if r["dataset"] == dataset}
     guards = {(r["attack"], r["poison_rate"]): r for r in guard if r["dataset"] == dataset and r["detector"] == "guard"}
     cases = sorted({(a, p) for a, p, _ in rows}, key=lambda c: (c[0], c[1]))
-    lines = [f"{dataset}, `python -m bench.defense` ({meta['wall_seconds'] / 60:.0f} min on {meta['machine'].split(',')[0]}; "
-             "every row: bench/results/defense.md, guard.md):", "",
+    machine = meta["machine"].split(",")[0]
+    lines = [f"{dataset}, `python -m bench.defense` ({meta['wall_seconds'] / 60:.0f} min on {machine}; every row: "
+             "bench/results/defense.md, guard.md):", "",
              "| attack | rate | ASR none | ASR abl | ASR full | ASR oracle | CA none | CA full | guard TPR (FPR) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for attack, rate in cases:
         get = {d: rows.get((attack, rate, d), {}) for d in ("none", "abl", "full", "oracle")}
         g = guards.get((attack, rate))
-        lines.append(f"| {attack} | {rate:.0%} | " + " | ".join(fmt(get[d].get("asr")) for d in ("none", "abl", "full", "oracle"))
+        asr = " | ".join(fmt(get[d].get("asr")) for d in ("none", "abl", "full", "oracle"))
+        lines.append(f"| {attack} | {rate:.0%} | {asr}"
                      + f" | {fmt(get['none'].get('clean_accuracy'))} | {fmt(get['full'].get('clean_accuracy'))} | "
                      + (f"{g['tpr']:.3f} ({g['fpr']:.3f})" if g else "-") + " |")
     for attack in ("fgsm", "pgd"):

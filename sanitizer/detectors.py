@@ -22,7 +22,7 @@ in [0, 1], on the model's device) and, where needed, statistics fitted on data:
   `kth_distance` of the normalised penultimate feature to clean neighbours (the guard's `knn`), or
   within the label on the training set (`knn_density`).
 
-Used twice: on the training set by isolate (fused isolation, extra evidence) and, through stages/guard.py,
+Used twice: on the training set by isolate (fused isolation, extra evidence) and, through sanitizer/guard.py,
 on inputs of the released model at inference time.
 """
 
@@ -111,16 +111,15 @@ def _min_distance(a: torch.Tensor, mu: torch.Tensor, prec: torch.Tensor) -> torc
 
 
 def conv_stages(acts: list[torch.Tensor], which: str) -> list[torch.Tensor]:
-    """The pooled conv stages of `features` that mahalanobis reads (detect.mahalanobis_stages): the last
+    """The pooled conv stages of `features` that mahalanobis reads (`MAHALANOBIS_STAGES`): the last
     one alone, or all of them."""
     return acts[-2:-1] if which == "last" else acts[:-1]
 
 
 def mahalanobis(stage_acts: list[torch.Tensor], g: Gaussians) -> torch.Tensor:
     """Lee et al. (NeurIPS 2018): per stage, the distance to the nearest class, divided by its median on
-    the fit data, summed over the stages given (`conv_stages`). The last stage alone separates best:
-    measured on the CIFAR-10 subset, PGD against the released model, AUROC 0.958 for the last stage
-    against 0.865 for the sum of all three (the early stages barely move, AUROC 0.60 and 0.78)."""
+    the fit data, summed over the stages given (`conv_stages`). The last stage alone separates best; the early
+    stages barely move (docs/method.md, "Isolation")."""
     return sum(_min_distance(a, mu, p) / s for a, mu, p, s in zip(stage_acts, g.means, g.precisions, g.scales))
 
 
@@ -129,11 +128,9 @@ def mismatch(stage_acts: list[torch.Tensor], g: Gaussians, predicted: torch.Tens
     model predicts than from the nearest class (Lee et al.'s Gaussians), per stage divided by its median on
     the fit data, summed over the stages given; 0 when the two agree. The consistency check of Deep k-NN
     (Papernot & McDaniel 2018) with Gaussians instead of neighbours: a warping trigger (WaNet) keeps the
-    activations near the image's own class while the output obeys the trigger. Measured on the CIFAR-10
-    subset, WaNet 10%, the undefended model's last conv stage, Gaussians fitted on truly clean samples, TPR
-    at FPR <= 5%: 0.56 against 0.25 for `mahalanobis`. But the guard fits on the sanitized set, where WaNet's
-    poison (about half the target class's samples) drags the target's Gaussian toward the triggered
-    images: TPR 0.08 there, so the guard does not ship it. PGD moves every stage with the output (AUROC 0.45)."""
+    activations near the image's own class while the output obeys the trigger. It sees WaNet only with Gaussians
+    fitted on truly clean data: on the sanitized set WaNet's poison drags the target's Gaussian toward the triggered
+    images, so the guard does not ship it; PGD moves every stage with the output (docs/method.md, "The guard")."""
     total = 0
     for a, mu, p, s in zip(stage_acts, g.means, g.precisions, g.scales):
         d = _distances(a, mu, p)
@@ -193,12 +190,8 @@ def fit_linear_probe(negative: torch.Tensor, positives: list[torch.Tensor]) -> P
 def fit_adversarial_probe(model, x: torch.Tensor, y: torch.Tensor, eps: float, steps: list[int], blocks: int) -> Probe:
     """`fit_linear_probe` of clean images against their adversarial examples, one per entry of `steps`, on the
     `block_statistics` of the last `blocks` conv blocks. An attack moves every block's statistics a little, one
-    Gaussian per class sees only the last (Mahalanobis); the probe weighs them all. Measured on the CIFAR-10
-    subset (released model of a clean training run, 2,000 training images attacked at eps 8/255, threshold at
-    3.5% FPR on the calibration split, test FPR 0.016-0.026), PGD / FGSM TPR of test images: last 2 blocks
-    0.884 / 0.912, last 4 0.951 / 0.976, all 6 0.961 / 0.984, against 0.743 / 0.318 for mahalanobis on the last
-    stage; all 6 fitted on FGSM alone, PGD 0.646; at eps 4/255, which it was not fitted on, PGD 0.32-0.44. Read
-    on the isolation checkpoint, examples crafted against the released model: PGD 0.34-0.56 (4 blocks 0.53)."""
+    Gaussian per class sees only the last (Mahalanobis); the probe weighs them all. It catches mainly the attacks it
+    was fitted on, so it is fitted on those the benchmark measures (docs/method.md, "The guard")."""
     clean = block_statistics(model, x, blocks)
     return fit_linear_probe(clean, [block_statistics(model, adversarial_examples(model, x, y, s, eps), blocks)
                                     for s in steps])
@@ -209,10 +202,7 @@ def fit_quarantine_probe(model, clean: torch.Tensor, suspects: torch.Tensor, blo
     """`fit_linear_probe` of clean training images against the quarantined suspects, on the `block_statistics`
     of the last `blocks` conv blocks: the poison's activations separate from clean ones (Chen et al. 2019,
     activation clustering), and do so even in the released model, which unlearned the trigger's label but
-    still sees the trigger. Measured on the CIFAR-10 subset at 10% poison (released model of the fused
-    defense, threshold at 3.5% FPR on the calibration split), TPR on triggered test images, last 2 / 4 / 6
-    blocks: BadNets 0.748 / 1.000 / 1.000, blend 1.000 / 1.000 / 1.000, SIG 0.987 / 1.000 / 1.000, against
-    0.066 / 0.987 / 0.671 for quarantine_knn on the released model."""
+    still sees the trigger (docs/method.md, "The guard")."""
     return fit_linear_probe(block_statistics(model, clean, blocks), [block_statistics(model, suspects, blocks)])
 
 
@@ -228,11 +218,8 @@ def fit_quarantine_net(clean: torch.Tensor, suspects: torch.Tensor, spec: dict, 
     represents. The classes weigh alike. Then self-training: each further round a fresh net trains on the (1 -
     `refine`) share of suspects the last one scored highest, the rest (the clean samples isolation took along, mostly
     of the target's class) left out of training, not moved to the clean side, where the poison among them would
-    teach the net that triggered images are clean. Measured on the CIFAR-10 subset, WaNet 10% (849 suspects, 502 of
-    them poison; width 4, 20 epochs, refine 0.55, two seeds), poison among the 382 kept: 353-369 after round one,
-    376-381 after round two; TPR on triggered test images at 1.7% / 2.75% FPR: 2 rounds 0.80-0.86 / 0.85-0.90
-    (moving the rest to the clean side, one seed: 0.84 / 0.89; at refine 0.45: 0.76-0.77 / 0.84), 3 rounds
-    0.86-0.87 / 0.89-0.91."""
+    teach the net that triggered images are clean. Each round keeps more poison among the suspects it trains on
+    (docs/method.md, "The guard")."""
     from sanitizer.models import build_model
     from sanitizer.train import batches
 
@@ -240,9 +227,8 @@ def fit_quarantine_net(clean: torch.Tensor, suspects: torch.Tensor, spec: dict, 
     def train(positives: torch.Tensor) -> torch.nn.Module:
         torch.manual_seed(seed)
         net = build_model(spec).to(clean.device)
-        # Few positives against many clean images: repeated until the class weight is at most 10. Weighted alone
-        # (blend 1%: 60 kept suspects, weight 83) the later rounds' training broke down: blended test images
-        # 0.04 at 1.7% FPR against 1.00 with the repeats (WaNet 10%: 0.86 against 0.94).
+        # Few positives against many clean images: repeated until the class weight is at most 10. A large class
+        # weight alone broke the later rounds' training (docs/method.md, "The guard").
         positives = positives.repeat(max(1, -(-len(clean) // (10 * max(len(positives), 1)))), 1, 1, 1)
         x = torch.cat([clean, positives])
         y = torch.cat([torch.zeros(len(clean), dtype=torch.long, device=x.device),
@@ -319,9 +305,8 @@ def input_spectral(x: torch.Tensor, labels: torch.Tensor, ridge: float) -> torch
     al., ICML 2021) taken to the input: within each label, the projection of the whitened, centred images on their top
     right singular vector, as a robust z-score (median / MAD), signed so that the longer tail is positive. Poison
     shares one additive pattern; whitened, that pattern outweighs the label's own variation in some direction, which
-    the top singular vector finds. Needs no model: it sees a trigger before any model learned it (CIFAR-10 subset, 1%
-    poison, in the target label, the 51 highest: all poison for BadNets and blend, 0.76 for SIG; WaNet's warp is no
-    additive pattern and is not seen)."""
+    the top singular vector finds. Needs no model: it sees a trigger before any model learned it; WaNet's warp is no
+    additive pattern and is not seen (docs/method.md, "Second look")."""
     out = torch.zeros(len(x), dtype=torch.float64, device=x.device)
     for rows, proj in top_projections(whitened_pixels(x, ridge), labels, min_rows=3):
         score = robust_z(proj)
@@ -333,7 +318,7 @@ def centroid_distance(feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     """Cosine distance of each normalised penultimate feature to the normalised mean of its label's (feature space:
     the class-mean distance behind the deep k-NN and Mahalanobis detectors, Lee et al. 2018, in its simplest form).
     A trigger the model obeys pulls its samples' features off the class's clean mode; within the target label the
-    poison sits farther out (CIFAR-10 subset, the restarted model of the benchmark at WaNet 5%: AUROC 0.89)."""
+    poison sits farther out (docs/method.md, "Second look")."""
     f = F.normalize(feats.double(), dim=1)
     out = torch.zeros(len(feats), dtype=torch.float64, device=feats.device)
     for c in labels.unique():
@@ -392,10 +377,8 @@ def training_scores(model, x: torch.Tensor, labels: torch.Tensor, names, seed: i
 @torch.no_grad()
 def noise_fragility(model, x: torch.Tensor, labels: torch.Tensor, sigma: float, draws: int, seed: int) -> torch.Tensor:
     """How much of its label's probability each sample loses when Gaussian noise of `sigma` (in [0, 1] pixels) is
-    added, averaged over `draws` draws (eval mode). Measured (CIFAR-10 subset, the model a standard run trains on
-    WaNet 10% poison, sigma 0.02): the 1% most fragile training samples were all poison, all in the target class,
-    and within that class fragility ranks poison above clean at AUROC 0.84; on clean data the 1% most fragile
-    spread over classes (at most 0.41 in one). Patch and blend triggers survive such noise and do not show."""
+    added, averaged over `draws` draws (eval mode). A warping trigger's samples lose the most; patch and blend
+    triggers survive such noise and do not show (docs/method.md, "Second look")."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
     model.eval()
     lost = torch.zeros(len(x), device=x.device)

@@ -5,20 +5,19 @@ gate measured and parity-checked, deployments that do not want the guard run the
 cost, and the guard can be recalibrated without touching the model. It takes the model's input (float32
 [N, C, H, W] in [0, 1]) and returns `score` (float32 [N]) and `flag` (bool [N], score > threshold).
 
-Each detector (params detect.guard) scores the input on the released model, on the isolation checkpoint,
-which learned the trigger on purpose, so a triggered input lands where the poison did, on both
-(disagreement), or on the input itself with a small CNN of its own (`quarantine_net`). The default for real
-images reads the released model and that net: `quarantine_probe` (triggered inputs: the released model
-unlearned the trigger's label, not the trigger's look) and `probe` (adversarial inputs), two linear probes on
-the block statistics of one pass, and `quarantine_net`, trained on the pixels of the quarantine, for a trigger
-that the released model no longer represents (a warp).
+The shipped guard (`SHIPPED`, for all data) is three detectors: `quarantine_probe` (triggered inputs: the released
+model unlearned the trigger's label, not the trigger's look) and `probe` (adversarial inputs), two linear probes on
+the released model's block statistics of one pass, and `quarantine_net`, a small CNN of its own trained on the pixels
+of the quarantine, for a trigger that the released model no longer represents (a warp). The alternatives the
+benchmark compares (knn, quarantine_knn, disagreement, mahalanobis, mismatch) live in bench/guard_alternatives.py
+and plug in through `FITTERS`.
 
 Each score is put on one scale by the clean calibration split: 0 at its median, 1 at its own calibration
-score of the rank of its share (`fpr_shares`) of the calibration images the threshold may flag; the guard's score is
-the largest, and its threshold keeps the false-positive rate at most `detect.guard_fpr` with probability
-`detect.guard_confidence` (`calibrated_threshold`), judged on that split, as the gate measures it: on the clean
+score of the rank of its share (`fpr_shares`, `SHIPPED_SHARES`) of the calibration images the threshold may flag; the
+guard's score is the largest, and its threshold keeps the false-positive rate at most `guard.fpr` with probability
+`advanced.guard.confidence` (`calibrated_threshold`), judged on that split, as the gate measures it: on the clean
 images of the rest of the test split, whose own sampling noise the bound takes in. The threshold, the calibration
-data's hash and the detectors are in the file's metadata.
+data's hash and the detectors are in the file's metadata. docs/method.md, "The guard", says why.
 
 `python -m stages guard IMAGE... [--json]` (sanitizer/guard_cli.py) scores images with the shipped files.
 """
@@ -60,7 +59,7 @@ NEEDS_QUARANTINE = ("quarantine_probe@", "quarantine_net@")
 
 SHIPPED = ("quarantine_net@input", "quarantine_probe@released", "probe@released")
 # Each shipped detector's weight in the false-positive split: the net catches triggers the released model no longer
-# represents, the probe adversarial inputs (bench/results/guard.md).
+# represents, the probe adversarial inputs (docs/method.md, "The guard"; bench/results/guard.md).
 SHIPPED_SHARES = {"quarantine_net@input": 0.7, "quarantine_probe@released": 0.1, "probe@released": 0.2}
 
 
@@ -117,9 +116,9 @@ class QuarantineNetHead(nn.Module):
 
 
 class GuardNet(nn.Module):
-    """Both models' activations, each detector's calibrated score, the largest, the flag. A head's source is
-    the model whose activations it reads, None for a head that reads every model's (disagreement) or "input" for one
-    that reads the input itself (quarantine_net); a head with `reads_block_statistics` reads its model's block
+    """Its models' activations, each detector's calibrated score, the largest, the flag. A head's source is
+    the model whose activations it reads, None for a head that reads every model's (bench/'s disagreement) or "input"
+    for one that reads the input itself (quarantine_net); a head with `reads_block_statistics` reads its model's block
     statistics instead, computed in the same pass."""
 
     def __init__(self, models: dict[str, nn.Module], heads: list[tuple[str | None, nn.Module]]):
@@ -161,7 +160,7 @@ def allowed_flags(n: int, fpr: float, confidence: float, check_size: int = 0) ->
     Flagging the k highest of n leaves a true FPR distributed as Beta(k + 1, n - k) (order statistics; Vovk 2012,
     training-conditional conformal validity), so P(FPR > fpr) = P(Binomial(n, fpr) <= k). Measured on `check_size`
     fresh clean images instead (the gate's evaluation split), the flagged count among them is beta-binomial: their
-    sampling noise comes on top, and k is smaller (508 calibration images, 509 checked, confidence 0.99: 11, not 14).
+    sampling noise comes on top, and k is smaller (docs/method.md, "The guard").
     """
     from scipy.stats import betabinom, binom
 
@@ -175,16 +174,13 @@ def allowed_flags(n: int, fpr: float, confidence: float, check_size: int = 0) ->
 
 def fpr_shares(entries: list[str], released_share: float, weights: dict[str, float] | None = None) -> list[float]:
     """Each detector's share of the false-positive budget, for its scale (`build_guard`): its weight in `weights`
-    (detect.guard_shares) over theirs all, or, without weights, the released model's detectors split `released_share`,
+    (`SHIPPED_SHARES`) over theirs all, or, without weights, the released model's detectors split `released_share`,
     the others (the isolation checkpoint's, the input's) the rest; a group alone takes it all.
 
     Shares shape the scales only; the threshold's bound holds for any. With every detector scaled at the full
-    budget, the union of their tails pushed the threshold past all of them (CIFAR-10 subset: 1.55 times each
-    one's own rank), and mahalanobis, which alone caught 0.815 of PGD, caught 0.674 in the guard. A learned
-    trigger lies far out for the isolation checkpoint's detectors (AUROC 0.99-1.00 at 5-10% poison), an
-    adversarial example just past the clean tail of the released model's. At 0.7 for the released model (full
-    benchmark): PGD 0.829 (FPR 0.037), BadNets and blend 10% 1.000 as before, but BadNets 5% 0.884 against
-    0.989, where isolation found a weaker group; at 1/3 each, PGD 0.615; at 0.5, 0.796."""
+    budget, the union of their tails would push the threshold past all of them. A learned trigger lies far out for
+    the isolation checkpoint's detectors, an adversarial example just past the clean tail of the released model's,
+    so the released model's take the larger share (docs/method.md, "The guard")."""
     if weights:
         total = sum(weights[entry] for entry in entries)
         return [weights[entry] / total for entry in entries]
@@ -198,9 +194,8 @@ def fpr_shares(entries: list[str], released_share: float, weights: dict[str, flo
 def detector_scales(raw: torch.Tensor, shares: list[float], fpr: float, confidence: float, check_size: int = 0):
     """(centre, scale) per detector from clean calibration scores [n, detectors]: 0 at its median, 1 at the
     calibration rank of its share of the flags the threshold allows (`allowed_flags` of the whole budget, the rank
-    interpolated). Each share's own bound instead (allowed_flags(n, fpr * share)) sets a small share's scale at the
-    calibration maximum when the confidence is high: CIFAR-10 subset, 0.99 on the true FPR, 200 re-splits, the
-    guard caught 0.55 of PGD that way (5th percentile 0.19), 0.93 this way (0.89), FPR alike (mean 0.028, 0.030)."""
+    interpolated). Each share's own bound instead (allowed_flags(n, fpr * share)) would set a small share's scale at
+    the calibration maximum when the confidence is high, and catch far less (docs/method.md, "The guard")."""
     ranked, n = raw.sort(dim=0).values, len(raw)
     rank = (n - 1 - torch.tensor(shares, dtype=torch.float64) * allowed_flags(n, fpr, confidence, check_size)).clamp_min(0)
     below, above = rank.floor().long().to(raw.device), rank.ceil().long().to(raw.device)
@@ -226,10 +221,9 @@ def calibrated_threshold(scores: np.ndarray, fpr: float, confidence: float = 0.5
     probability `confidence`, from these clean calibration scores: its true rate, or with `check_size` the rate
     measured on that many fresh clean images (`allowed_flags`).
 
-    confidence 0.5 is about the plain (1 - fpr) quantile, whose FPR on new images overshoots half the time
-    (measured on the CIFAR-10 subset, 203 calibration images: test FPR above 0.06 in 30% of random splits).
-    The cut lies halfway between the last score kept and the first flagged, so that onnxruntime's rounding
-    (relative 1e-4) of a calibration image's score cannot move it across."""
+    confidence 0.5 is about the plain (1 - fpr) quantile, whose FPR on new images overshoots about half the time
+    (docs/method.md, "The guard"). The cut lies halfway between the last score kept and the first flagged, so that
+    onnxruntime's rounding of a calibration image's score cannot move it across."""
     s = np.sort(scores)
     n = len(s)
     allowed = allowed_flags(n, fpr, confidence, check_size)
@@ -310,18 +304,15 @@ def calibrate_guard(g: GuardSettings, models: dict[str, nn.Module], heads: dict[
     entries = [e for e in g.detectors if e in heads]
     if not entries:
         raise SanitizeError(f"the guard lists only {list(g.detectors)}, which need quarantined samples, and the quarantine "
-                            "is empty: add probe@released to detect.guard")
+                            "is empty: add probe@released to the guard's detectors (GuardSettings.detectors)")
     guard = GuardNet(models, [heads[e][:2] for e in entries]).to(device).eval()
     described = [dict(heads[e][2]) for e in entries]
     x_cal = to_tensor(calibration.x, device)
     raw = guard.detector_scores(x_cal)  # centre 0, scale 1 so far: the raw scores
     # Each detector on one scale by its upper tail, where the threshold lies: 0 at its calibration median, 1 at the
     # calibration rank of its share of the flags the threshold allows. A spread such as the MAD would let one
-    # detector's heavy tail set the threshold for all: measured (CIFAR-10 subset, clean training run), with
-    # disagreement beside mahalanobis PGD's TPR fell from 0.61 to 0.21 on MAD z-scores, 0.59 at the 95th
-    # percentile. So would a fixed percentile when the calibration split is small and the threshold lies at its
-    # maximum: default digits run, 72 images, mahalanobis's maximum 2.46 times its 95th percentile set the threshold
-    # above every triggered digit's disagreement (TPR 0.0; 0.90 at the kept rank, FPR 0.031).
+    # detector's heavy tail set the threshold for all; so would a fixed percentile when the calibration split is small
+    # and the threshold lies at its maximum (docs/method.md, "The guard").
     shares = fpr_shares(entries, g.released_share, g.shares)
     centre, scale, threshold, calibration_fpr = calibrate_scores(raw, shares, g.fpr, g.confidence,
                                                                  check_size)
@@ -340,7 +331,7 @@ def calibrate_guard(g: GuardSettings, models: dict[str, nn.Module], heads: dict[
 @torch.no_grad()
 def build_guard(g: GuardSettings, models: dict[str, nn.Module], clean: Store, quarantined: Store,
                 calibration: Store, device: torch.device, check_size: int = 0) -> tuple[GuardNet, dict]:
-    """`fit_heads`, then `calibrate_guard`: the guard of detect.guard and its report."""
+    """`fit_heads`, then `calibrate_guard`: the guard of `g.detectors` and its report."""
     heads = fit_heads(g, models, clean, quarantined, device)
     return calibrate_guard(g, models, heads, calibration, device, check_size)
 

@@ -69,7 +69,7 @@ LOG_FLOOR = 1e-6  # float32 cross-entropy of a sure prediction reaches 0; log ne
 def suspicion_score(loss_history: np.ndarray) -> np.ndarray:
     """Mean log-loss over all isolation epochs: low = learned early and kept learned.
 
-    In log space a backdoor sample sits orders of magnitude below clean ones (1e-5 against 0.1-2), and
+    In log space a backdoor sample sits orders of magnitude below clean ones (docs/method.md, "Isolation"), and
     the mean over epochs rewards being learned *early*, ABL's signature, while smoothing the
     epoch-to-epoch swings of a single clean sample's loss.
     """
@@ -96,8 +96,8 @@ def otsu_split(values: np.ndarray) -> tuple[float, float]:
 def kittler_split(values: np.ndarray, min_group: int = 3) -> float:
     """Kittler & Illingworth's minimum-error threshold (Pattern Recognition 1986): the cut that best fits
     two Gaussians with their own weights and spreads. Unlike Otsu's, it finds a small group beside a
-    large one: in a class that a clean-label backdoor fills nearly whole (SIG at 10%: 509 of 517), Otsu
-    splits the poison itself (measured recall 0.64) where this cut falls before the few clean samples."""
+    large one: in a class that a clean-label backdoor fills nearly whole, Otsu splits the poison itself
+    where this cut falls before the few clean samples (docs/method.md, "Isolation")."""
     v = np.sort(values.astype(np.float64))
     n = len(v)
     if n < 2 * min_group or v[0] == v[-1]:
@@ -142,7 +142,7 @@ def adaptive_selection(score: np.ndarray, labels: np.ndarray, ids: np.ndarray, p
         below = cut[pool] <= kittler_split(cut[pool])
         if cut_score is not None:
             # Either score's cut isolates: the detectors add suspects the loss misses and drop none it finds
-            # (CIFAR-10 subset, BadNets 10%: fused cut alone P/R 0.992/0.939, loss 0.960/0.992, both 0.960/0.996).
+            # (docs/method.md, "Isolation").
             below |= score[pool] <= kittler_split(score[pool])
         return pool[below]
 
@@ -276,7 +276,8 @@ def select(isolation: Isolation, store: Store, p: Selection) -> Isolation:
     """The suspects of `isolation` under selection `p` (a new Isolation; the model and scores are shared)."""
     fused = fused_suspicion(isolation.history, isolation.signals, p.fusion)
     isolated, score, report = choose(isolation.history, store, p, fused, isolation.penultimate)
-    report = {**report, "fusion": list(p.fusion), "ranked_by": "fused" if fused is not None else "loss"}
+    ranked_by = "fused" if fused is not None else "log_loss" if p.adaptive else "final_loss"
+    report = {**report, "fusion": list(p.fusion), "ranked_by": ranked_by}
     return Isolation(isolation.model, isolation.spec, isolation.history, isolation.signals, isolation.penultimate,
                      isolated, score, report, isolation.seconds)
 
@@ -299,7 +300,9 @@ def isolation_table(isolation: Isolation, store: Store) -> pd.DataFrame:
     """Isolation's suspects as the quarantine reads them (data/isolate/isolated.csv): id, label, signal, score (higher
     = more suspicious), most suspicious first."""
     order = isolation.isolated[np.lexsort((store.ids[isolation.isolated], isolation.score[isolation.isolated]))]
-    signal = f"isolation:{isolation.report.get('ranked_by', 'loss')}"
-    return pd.DataFrame({"id": store.ids[order], "label": store.labels[order].astype(int), "signal": signal,
-                         "score": np.round(-isolation.score[order], 4)}, columns=SUSPECT_COLUMNS)
+    ranked_by = isolation.report.get("ranked_by", "final_loss")
+    low = isolation.score[order]  # the ranking, low = suspicious: a final loss in plain ABL's, a log or fused score else
+    score = -np.log(low + LOG_FLOOR) if ranked_by == "final_loss" else -low
+    return pd.DataFrame({"id": store.ids[order], "label": store.labels[order].astype(int),
+                         "signal": f"isolation:{ranked_by}", "score": np.round(score, 4)}, columns=SUSPECT_COLUMNS)
 

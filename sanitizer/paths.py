@@ -20,6 +20,7 @@ ISOLATE_MODEL = Path("models/isolate.pt")
 RECHECK = Path("data/recheck")  # the second look, when isolation found no evidence
 FLAGGED_CSV = RECHECK / "flagged.csv"
 RECHECK_JSON = RECHECK / "report.json"
+RECHECK_CURVE = RECHECK / "curve.csv"  # the fresh model's training curve, which the unlearning plot continues
 RECHECK_MODEL = Path("models/recheck.pt")  # the model trained afresh for the second look (empty when none ran)
 
 QUARANTINE = Path("data/quarantine")

@@ -1,5 +1,6 @@
 """The whole defense in memory, through the same functions the stages call with files between them: what bench/
-runs, and what a user's own Python code can call. ingest -> isolate -> recheck -> quarantine -> unlearn -> guard.
+runs, and what a user's own Python code can call: isolate -> recheck -> quarantine -> unlearn, on an ingested store
+(sanitizer.ingestion). The guard is built from the result by sanitizer.guard.build_guard, as the export stage does.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import torch
 
 from sanitizer.config import Params
 from sanitizer.data import Store
-from sanitizer.guard import build_guard, guard_settings
 from sanitizer.isolation import Isolation, choose_suspects, isolation_table, train_isolation
 from sanitizer.quarantine import merge_suspects, partition
 from sanitizer.recheck import SecondLook, after_second_look, flagged_table, second_look, second_look_runs
@@ -55,11 +55,3 @@ def defend(params: Params, train: Store, rules: DataRules, device: torch.device,
         curve, report = sanitize(model, params, u, tp, clean, quarantined, device, isolation.report.get("evidence"),
                                  watch)
     return Defended(model, isolation, look, suspects, clean, quarantined, report, curve)
-
-
-def fit_guard(params: Params, rules: DataRules, defended: Defended, calibration: Store, check_size: int,
-              device: torch.device = torch.device("cpu")):
-    """The shipped guard of a defended model (as the export stage builds it): (GuardNet, report)."""
-    models = {"released": defended.model.to(device).eval(), "isolation": defended.isolation.model.to(device).eval()}
-    return build_guard(guard_settings(params, rules), models, defended.clean, defended.quarantined, calibration,
-                       device, check_size)

@@ -87,7 +87,8 @@ def recheck(model, ratio: float, seed: int, x: torch.Tensor, y: torch.Tensor) ->
     return flagged, found, signals
 
 
-def escaped_poison(model, x: torch.Tensor, y: torch.Tensor, flagged: np.ndarray, label: int) -> tuple[np.ndarray, np.ndarray]:
+def escaped_poison(model, x: torch.Tensor, y: torch.Tensor, flagged: np.ndarray,
+                   label: int) -> tuple[np.ndarray, np.ndarray]:
     """After the flagged samples were unlearned, the label's other samples past Kittler's cut of their loss, and their
     losses. Unlearning breaks the trigger -> label link, so dirty-label poison the flags missed loses the trigger's
     support and its loss rises, while the label's clean samples keep theirs."""

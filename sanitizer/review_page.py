@@ -199,7 +199,7 @@ DETECTOR_COLUMNS = ["strip", "mahalanobis", "spectral", "knn_density", "fused"] 
 
 
 def detector_line(row) -> str:
-    """The detectors' scores (stages/detectors.py, higher = more suspicious) that isolate wrote."""
+    """The detectors' scores (sanitizer/detectors.py, higher = more suspicious) that isolate wrote."""
     shown = [(name, getattr(row, name)) for name in DETECTOR_COLUMNS if pd.notna(getattr(row, name, None))]
     if not shown:
         return ""
@@ -322,7 +322,8 @@ or with <code>python -m stages review release|confirm ID...</code>.</p></noscrip
 (grey). Backdoor samples are learned first: their loss falls early and stays low. Decisions made here stay in
 this browser until exported; import the file with <code>python -m stages review import decisions.csv</code>,
 then run <code>dvc repro</code>.</p>
-<div class="grid" id="grid">{cards or '<p>No samples were isolated (isolate.ratio is 0 or the data set is tiny).</p>'}</div>{rest}
+<div class="grid" id="grid">{cards or ('<p>No samples were isolated (advanced.isolate.ratio is 0 or the data '
+                                        'set is tiny).</p>')}</div>{rest}
 <button id="more" type="button">Show more</button>
 </main>
 <script>{SCRIPT}</script>

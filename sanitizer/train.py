@@ -102,9 +102,7 @@ def batches(n: int, batch_size: int, gen: torch.Generator, device) -> tuple[torc
     """One epoch's random order in ceil(n / batch_size) batches of nearly equal size (differing by at most one).
 
     Slicing by batch_size would leave a remainder batch, as small as one sample, whose BatchNorm statistics and
-    gradient step are noise; it is the last update of every epoch. Measured on the CIFAR-10 subset, 4,997
-    training images at batch 128 (a last batch of 5): clean accuracy 0.619-0.658 and PGD TPR of the guard's
-    mahalanobis 0.49-0.69 in four runs, against 0.662-0.690 and 0.85-0.94 with 5,085 images (a last batch of 93)."""
+    gradient step are noise; it is the last update of every epoch (docs/method.md, "The training loop")."""
     order = torch.randperm(n, generator=gen, device=device)
     return torch.tensor_split(order, -(-n // batch_size)) if n else ()
 
@@ -132,8 +130,9 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
 def unlikelihood(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """-log(1 - p(y | x)) per sample (Welleck et al. 2020): pushes p(y) down without saturating.
 
-    Plain ascent on CE stalls on a backdoor the model is sure of: its gradient is 1 - p(y), about 1e-5;
-    this one's is about p(y), so it acts hardest exactly where the model obeys the trigger.
+    Plain ascent on CE stalls on a backdoor the model is sure of: its gradient is 1 - p(y), nearly 0;
+    this one's is about p(y), so it acts hardest exactly where the model obeys the trigger (docs/method.md,
+    "Unlearning").
     """
     log_p = F.log_softmax(logits, dim=1).gather(1, y[:, None])[:, 0]
     return -torch.log1p(-log_p.exp().clamp(max=1 - 1e-6))
@@ -153,7 +152,7 @@ def joint_unlearn_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.T
     would spill over onto its clean samples. `anchors` (indices into x of clean samples with the
     suspects' label) adds as many of them as suspects to each batch, with cross-entropy: the push away
     from the label must separate the suspects from that class's clean samples, not erase the class
-    (measured on digits without anchors: class 0 test accuracy 1.0 -> 0.0 in one epoch).
+    (docs/method.md, "Unlearning").
     """
     model.train()
     clean_total, suspect_total = 0.0, 0.0
@@ -176,8 +175,7 @@ def joint_unlearn_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.T
         suspect_total += float(suspect_loss.detach()) * len(idx)
     # BatchNorm's running statistics re-estimated on clean images alone (one pass, cumulative average): the
     # batches carried suspects, whose statistics (a blended pattern over the whole image) leaked into the
-    # ones the released model normalises with. Measured on the CIFAR-10 subset, Blend 10%: held-out
-    # accuracy fell 0.076 in the first joint epoch, 0.061 with the statistics re-estimated.
+    # ones the released model normalises with (docs/method.md, "Unlearning").
     update_bn((x[i:i + 256] for i in range(0, len(x), 256)), model)
     return clean_total / max(len(y), 1), suspect_total / max(len(y), 1)
 

@@ -58,8 +58,9 @@ def run(params: Params) -> None:
         isolation_plots(history, score, "fused score: minus the mean robust z of loss and detectors", isolated,
                         paths.PLOTS)
     else:
-        shown = np.log10(score + LOG_FLOOR) if params.defense.method == "abl" else score / np.log(10)
-        isolation_plots(history, shown, "log10 loss" + (" at the last epoch" if params.defense.method == "abl" else
+        final = result.report.get("ranked_by") == "final_loss"
+        shown = np.log10(score + LOG_FLOOR) if final else score / np.log(10)
+        isolation_plots(history, shown, "log10 loss" + (" at the last epoch" if final else
                                                       ", geometric mean over the isolation epochs"),
                         isolated, paths.PLOTS, lambda v: f"cut: loss {10 ** v:.2g}")
     quality = isolation_quality(store.ids[isolated], poisoned_ids())  # metrics only: the choice never saw it

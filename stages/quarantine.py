@@ -70,5 +70,6 @@ def run(params: Params) -> None:
                "quarantined_by_signal": {str(k): int(v) for k, v in by_signal.items()}}
     write_json(paths.metrics_file("quarantine"), summary)
     write_review_page(params)
-    print(f"[quarantine] {len(quarantined)} quarantined ({', '.join(f'{v} by {k}' for k, v in by_signal.items()) or 'none'}), "
+    signals = ", ".join(f"{v} by {k}" for k, v in by_signal.items()) or "none"
+    print(f"[quarantine] {len(quarantined)} quarantined ({signals}), "
           f"{len(released)} released, {len(clean)} clean; review page: {paths.REVIEW_PAGE}", file=sys.stderr)

@@ -24,6 +24,7 @@ from sanitizer.rules import load_rules
 from sanitizer.train import pick_device, train_settings
 from sanitizer.unlearning import unlearning_for
 
+
 def run(params: Params) -> None:
     evidence = json.loads(paths.SELECTION_JSON.read_text(encoding="utf-8")).get("evidence")
     u = unlearning_for(params)
@@ -47,7 +48,7 @@ def run(params: Params) -> None:
         flagged.to_csv(out / paths.FLAGGED_CSV.name, index=False)
         write_json(out / paths.RECHECK_JSON.name, report)
         columns = ["phase", "epoch", "loss", "clean_accuracy"] + (["asr"] if curve and "asr" in curve[0] else [])
-        write_csv(out / "curve.csv", columns, [[c[k] for k in columns] for c in curve])
+        write_csv(out / paths.RECHECK_CURVE.name, columns, [[c[k] for k in columns] for c in curve])
     quality = isolation_quality(flagged["id"], poisoned_ids()) if len(flagged) else {}
     write_json(paths.metrics_file("recheck"), {**report, "n_flagged": len(flagged), **quality})
     print(f"[recheck] {'flagged ' + str(len(flagged)) if report['ran'] else 'skipped: ' + report['reason']}"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pandas as pd
 
 from sanitizer import paths
@@ -34,16 +33,15 @@ def run(params: Params) -> None:
     watch = asr_watch(device)
     if recheck["ran"]:
         model, ckpt = load_checkpoint(paths.RECHECK_MODEL, device)
-        curve = pd.read_csv(paths.RECHECK / "curve.csv").to_dict("records")
+        curve = pd.read_csv(paths.RECHECK_CURVE).to_dict("records")
         report = after_second_look(model, params, u, tp, load_store(paths.TRAIN_STORE), clean, manifest, recheck,
                                    device, curve, watch)
     else:
         model, ckpt = load_checkpoint(paths.ISOLATE_MODEL, device)
         evidence = json.loads(paths.SELECTION_JSON.read_text(encoding="utf-8")).get("evidence")
-        confirmed = manifest.loc[manifest["quarantined"] == 1, "id"]
-        quarantined = load_store(paths.QUARANTINE_STORE)
-        suspects = quarantined.subset(np.flatnonzero(np.isin(quarantined.ids, confirmed.to_numpy())))
-        curve, report = sanitize(model, params, u, tp, clean, suspects, device, evidence, watch)
+        # the quarantine store holds every suspect the reviewer did not release
+        curve, report = sanitize(model, params, u, tp, clean, load_store(paths.QUARANTINE_STORE), device, evidence,
+                                 watch)
     save_checkpoint(paths.MODEL, model, ckpt["spec"], {"seed": params.seed})
     columns = ["phase", "epoch", "loss", "clean_accuracy"] + (["asr"] if curve and "asr" in curve[0] else [])
     write_csv(paths.PLOTS / "unlearn.csv", ["step", *columns],

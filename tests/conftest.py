@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["sanitizer", "stages", "params.yaml", "dvc.yaml", "review", "schemas", ".dvc", ".dvcignore", "pyproject.toml"]
+PROJECT_FILES = ["sanitizer", "stages", "params.yaml", "dvc.yaml", "review", "schemas", ".dvc", ".dvcignore",
+                 "pyproject.toml"]
 
 
 def copy_project(dest: Path) -> Path:

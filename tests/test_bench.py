@@ -68,3 +68,11 @@ def test_resplits_recalibrate_the_guard_on_other_splits_of_the_test_set():
     again = resplit_rates(rescaled, {"copy": (rescaled.clone(), made_from), "far": (rescaled + 50, made_from)}, y,
                           params, g, [0.5, 0.5], range(1, 21))
     assert again["fpr_mean"] == same["fpr_mean"] and again["fpr_p95"] == same["fpr_p95"]
+
+
+def test_the_readme_results_table_is_generated_from_the_committed_results():
+    from bench.table import END, START, current_table
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    committed = readme.split(START, 1)[1].split(END, 1)[0].strip()
+    assert committed == current_table().strip(), "run `python -m bench.table` and commit README.md"

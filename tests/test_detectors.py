@@ -300,9 +300,9 @@ def test_the_full_defense_ranks_by_the_fused_score_on_harder_data():
     chosen = select(isolation, store, selection_for(Params(), hard))
     assert chosen.report["ranked_by"] == "fused" and chosen.report["fusion"] == ["strip", "knn_density"]
     plain = select(isolation, store, selection_for(Params(), DIGITS_RULES))  # easy data: ABL's share of the loss
-    assert plain.report["ranked_by"] == "loss" and plain.report["rule"] == "ratio" and len(plain.isolated) == 3
+    assert plain.report["ranked_by"] == "final_loss" and plain.report["rule"] == "ratio" and len(plain.isolated) == 3
     abl = Params.model_validate({"defense": {"method": "abl"}})
-    assert select(isolation, store, selection_for(abl, hard)).report["ranked_by"] == "loss"
+    assert select(isolation, store, selection_for(abl, hard)).report["ranked_by"] == "final_loss"
 
 
 def test_guard_command(pipeline, tmp_path):

@@ -87,6 +87,22 @@ def test_imagefolder_reads_and_converts_modes(tmp_path):
     assert "train/cat/rgba.png" in src.train.ids and "converted" in src.notes[0]
 
 
+def test_an_image_folder_s_cleaned_set_is_the_list_of_kept_files(project):
+    from stages import isolate, quarantine, recheck
+
+    root = make_imagefolder(project / "imgs", per_class=6)
+    set_params(project, **{"data.source": "imagefolder", "data.path": "imgs", "redteam.attack": None,
+                           "train.isolate_epochs": 1})
+    params = load_params()
+    for stage in (ingest, isolate, recheck, quarantine):
+        stage.run(params)
+    kept = (project / "data/clean/kept_paths.txt").read_text().splitlines()
+    clean, quarantined = load_store("data/clean/train.npz"), load_store("data/quarantine/quarantine.npz")
+    assert kept == list(clean.ids) and len(kept) + len(quarantined) == 12
+    assert all((root / k).is_file() for k in kept) and not set(kept) & set(quarantined.ids)
+    assert not (project / "data/clean/cleaned.npz").exists()
+
+
 def test_corrupt_image_in_imagefolder_is_refused_by_file(project):
     root = make_imagefolder(project / "imgs")
     data = (root / "train/dog/1.png").read_bytes()

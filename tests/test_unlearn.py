@@ -290,3 +290,22 @@ def test_after_unlearning_the_label_s_samples_whose_loss_rose_are_the_escaped_po
     monkeypatch.setattr(recheck_lib, "per_sample_losses", losses)
     escaped, escaped_loss = recheck_lib.escaped_poison(None, torch.arange(200), labels, flagged, 0)
     assert np.array_equal(escaped, np.arange(10, 30)) and np.array_equal(escaped_loss, loss[10:30])
+
+
+def test_the_unlearn_stage_repeats_the_recheck_stage_s_unlearning_exactly():
+    """The recheck stage unlearns its flags from a copy of its model to find the escaped poison; the unlearn stage,
+    from the saved model, must take the same steps (one seeded generator), or its escaped flags would not fit."""
+    import copy
+
+    params = Params.model_validate({"device": "cpu", "advanced": {"unlearn": {"epochs": 2}}})
+    model, store, _ = digits_model_and_sets(3)
+    x = torch.from_numpy(store.x[:200]).permute(0, 3, 1, 2).float() / 255
+    y = torch.from_numpy(store.labels[:200])
+    first = np.flatnonzero(store.labels[:200] == 0)[:8]
+    u = unlearning.unlearning_for(params)
+    runs = []
+    for _ in range(2):
+        copy_ = copy.deepcopy(model)
+        recheck_lib.unlearn_flags(copy_, params, u, TP, x, y, first, np.empty(0, dtype=np.int64), False, [])
+        runs.append(torch.cat([p.detach().flatten() for p in copy_.state_dict().values() if p.is_floating_point()]))
+    assert torch.equal(runs[0], runs[1])
