@@ -130,17 +130,17 @@ def fit_disagreement(d: FitData, source: str):
 
 
 def fit_knn(d: FitData, source: str):
-    return source, KnnHead(features(d.models[source], d.x_clean)[-1][feature_bank(d)], SETTINGS.knn_k), {}
+    return source, KnnHead(d.clean_features(source)[-1][feature_bank(d)], SETTINGS.knn_k), {}
 
 
 def fit_quarantine_knn(d: FitData, source: str):
     suspects = features(d.models[source], to_tensor(d.quarantined.x, d.device))[-1]
-    clean = features(d.models[source], d.x_clean)[-1][feature_bank(d)]
+    clean = d.clean_features(source)[-1][feature_bank(d)]
     return source, QuarantineKnnHead(clean, suspects, SETTINGS.knn_k, SETTINGS.quarantine_k), {}
 
 
 def fit_mahalanobis(d: FitData, source: str, mismatch_head: bool = False):
-    stage_acts = conv_stages(features(d.models[source], d.x_clean), SETTINGS.mahalanobis_stages)
+    stage_acts = conv_stages(d.clean_features(source), SETTINGS.mahalanobis_stages)
     gaussians = fit_gaussians(stage_acts, d.y_clean, len(d.clean.class_names))
     head = (MismatchHead(gaussians, SETTINGS.mahalanobis_stages, d.models[source].head) if mismatch_head
             else MahalanobisHead(gaussians, SETTINGS.mahalanobis_stages))

@@ -25,7 +25,7 @@ data's hash and the detectors are in the file's metadata. docs/method.md, "The g
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +36,8 @@ from sanitizer import paths
 from sanitizer.config import Params
 from sanitizer.rules import DataRules
 from sanitizer.data import Store, store_hash
-from sanitizer.detectors import (Probe, fit_adversarial_probe, fit_quarantine_net, fit_quarantine_probe, probe_score,
-                                 quarantine_net_score)
+from sanitizer.detectors import (Probe, features, fit_adversarial_probe, fit_quarantine_net, fit_quarantine_probe,
+                                 probe_score, quarantine_net_score)
 from sanitizer.errors import SanitizeError
 from sanitizer.onnx_io import input_batches, open_session
 from sanitizer.models import model_spec
@@ -243,6 +243,13 @@ class FitData:
     y_clean: torch.Tensor
     sample: torch.Tensor  # indices into the clean set
     device: torch.device
+    _features: dict = field(default_factory=dict)
+
+    def clean_features(self, source: str) -> list[torch.Tensor]:
+        """`features` of the clean set on model `source`, computed once for every head that reads them."""
+        if source not in self._features:
+            self._features[source] = features(self.models[source], self.x_clean)
+        return self._features[source]
 
 
 def fit_probe(d: FitData, source: str):

@@ -17,7 +17,7 @@ import torch
 
 from sanitizer.config import Params
 from sanitizer.data import Store
-from sanitizer.quarantine import SUSPECT_COLUMNS
+from sanitizer.paths import SUSPECT_COLUMNS
 from sanitizer.detectors import TRAINING_DETECTORS, features, robust_z, training_scores
 from sanitizer.models import build_model, model_spec
 from sanitizer.rules import DataRules

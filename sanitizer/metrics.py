@@ -33,7 +33,7 @@ def isolation_quality(flagged_ids, poisoned: set[str] | None) -> dict:
     """Precision and recall of a set of flagged ids against the red team's poison (empty without one)."""
     if not poisoned:
         return {}
-    flagged = [i for i in flagged_ids]
+    flagged = list(flagged_ids)
     hits = sum(1 for i in flagged if i in poisoned)
     return {"isolation_precision": round(hits / len(flagged), 4) if flagged else None,
             "isolation_recall": round(hits / len(poisoned), 4)}

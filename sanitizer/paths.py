@@ -14,6 +14,7 @@ RULES_JSON = INGESTED / "rules.json"  # settings decided from the training image
 ISOLATE = Path("data/isolate")
 SCORES_CSV = ISOLATE / "scores.csv"
 ISOLATED_CSV = ISOLATE / "isolated.csv"
+SUSPECT_COLUMNS = ["id", "label", "signal", "score"]  # of every flagging stage's table: isolated.csv, flagged.csv
 SELECTION_JSON = ISOLATE / "selection.json"  # the selection rule's report: its evidence decides the next steps
 ISOLATE_MODEL = Path("models/isolate.pt")
 

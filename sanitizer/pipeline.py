@@ -16,10 +16,10 @@ from sanitizer.config import Params
 from sanitizer.data import Store
 from sanitizer.isolation import Isolation, choose_suspects, isolation_table, train_isolation
 from sanitizer.quarantine import merge_suspects, partition
-from sanitizer.recheck import SecondLook, after_second_look, flagged_table, second_look, second_look_runs
+from sanitizer.recheck import SecondLook, flagged_table, second_look, second_look_runs
 from sanitizer.rules import DataRules
 from sanitizer.train import train_settings
-from sanitizer.unlearning import sanitize, unlearning_for
+from sanitizer.unlearning import after_second_look, sanitize, unlearning_for
 
 
 @dataclass

@@ -14,13 +14,13 @@ import numpy as np
 import pandas as pd
 
 from sanitizer.data import Store
+from sanitizer.paths import SUSPECT_COLUMNS
 from sanitizer.errors import SanitizeError
 
 DECISIONS = ("release", "confirm")
 DECISION_COLUMNS = ["id", "decision", "note"]
 MANIFEST_COLUMNS = ["id", "label", "class_name", "signal", "score", "rank", "final_loss", "suspicion", "decision",
                     "quarantined", "note", "sha256", "image"]
-SUSPECT_COLUMNS = ["id", "label", "signal", "score"]  # what every flagging stage writes (isolated.csv, flagged.csv)
 
 
 def read_decisions(path: Path, suspects: set[str]) -> dict[str, tuple[str, str]]:

@@ -4,7 +4,7 @@ A trigger too rare for isolation to see, or one that is learned late (a warp), l
 trained on the whole kept set learns it all the same. Three signals (docs/method.md, "Second look") each implicate a
 label when enough of their most suspicious share carries it; the label's samples past Kittler's cut are flagged.
 Flagged samples go to the quarantine like isolation's suspects; the unlearn stage then unlearns them from this model
-(`unlearn_flags`), and it learned to find the poison that escaped the flags here by doing the same.
+(sanitizer/unlearning.py `unlearn_flags`); this stage finds the poison that escaped the flags by doing the same.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import torch
 
 from sanitizer.config import Params
 from sanitizer.data import Store
-from sanitizer.quarantine import SUSPECT_COLUMNS
 from sanitizer.detectors import WHITEN_RIDGE, centroid_distance, features, input_spectral, noise_fragility
 from sanitizer.isolation import kittler_split, lowest
-from sanitizer.models import build_model, reinitialise
+from sanitizer.models import build_model
+from sanitizer.paths import SUSPECT_COLUMNS
 from sanitizer.train import TrainSettings, per_sample_losses, seed_everything, to_tensor
-from sanitizer.unlearning import Unlearning, finetune, holdout_split, unlearn_and_repair
+from sanitizer.unlearning import Unlearning, finetune, holdout_split, unlearn_flags
 
 POOL_MIN = 50  # the fewest most-suspicious samples whose labels may implicate one: a share of a dozen is noise
 NOISE_SIGMA = 0.02  # noise_fragility: standard deviation of the Gaussian noise, in [0, 1] pixels
@@ -102,39 +102,6 @@ def escaped_poison(model, x: torch.Tensor, y: torch.Tensor, flagged: np.ndarray,
     return rest[cut], loss[cut]
 
 
-def unlearn_flags(model, params: Params, u: Unlearning, tp: TrainSettings, x: torch.Tensor, y: torch.Tensor,
-                  first: np.ndarray, escaped, watch_class: bool, curve: list, watch=None) -> tuple[dict, np.ndarray]:
-    """Unlearn the second look's flags from its model (x, y: the set it trained on): `first`, then, unless that was
-    rolled back, `first` with the escaped poison (`escaped`: indices, or a function of the model that finds them).
-    When unlearning cannot break the link without costing clean accuracy, the model trains afresh without `first`.
-    Returns (a report, the indices unlearned or left out); the seeded generator makes both stages' runs identical."""
-    gen = torch.Generator(device=x.device).manual_seed(params.seed)
-
-    def split_rest(flagged: np.ndarray):
-        keep = np.setdiff1d(np.arange(len(y)), flagged)
-        fit, val = holdout_split(len(keep), u.holdout, params.seed)
-        return keep, keep[fit], keep[val]
-
-    def unlearn_these(flagged: np.ndarray) -> dict:
-        _, fit, val = split_rest(flagged)
-        return unlearn_and_repair(model, u, tp, x[flagged], y[flagged], x[fit], y[fit], x[val], y[val], gen, curve,
-                                  watch, repair=True, watch_class=watch_class)
-
-    report = unlearn_these(first)
-    if report["rolled_back"] and report["suspects_obeyed"] > u.stop_at:
-        keep, _, shown = split_rest(first)
-        reinitialise(model)
-        finetune(model, tp, x[keep], y[keep], x[shown], y[shown], gen, curve, watch,
-                 params.train.isolate_epochs + params.train.finetune_epochs, phase="retrain")
-        return {**report, "retrained": True}, first
-    more = escaped(model) if callable(escaped) else escaped
-    if len(more):
-        both = np.union1d(first, more)
-        report["escaped_unlearning"] = unlearn_these(both)
-        return report, both
-    return report, first
-
-
 def second_look(params: Params, kept: Store, spec: dict, u: Unlearning, tp: TrainSettings, device: torch.device,
                 watch=None) -> SecondLook:
     """Train a model afresh on the kept set for the whole budget (isolate + finetune epochs), recheck it, and find
@@ -165,43 +132,6 @@ def second_look(params: Params, kept: Store, spec: dict, u: Unlearning, tp: Trai
         flags.update({int(i): ("recheck:escaped_loss", float(loss)) for i, loss in found_escaped})
     report = {**found, "n_escaped": int(len(escaped)), "n_trained": len(kept)}
     return SecondLook(model, first, escaped, flags, curve, report)
-
-
-def after_second_look(model, params: Params, u: Unlearning, tp: TrainSettings, ingested: Store, clean: Store,
-                      manifest, found: dict, device: torch.device, curve: list, watch=None) -> dict:
-    """The released model from the second look's: its flags that the reviewer did not release are unlearned
-    (`unlearn_flags`, as the recheck stage did). The second look trained on the ingested set less isolation's
-    suspects; when the reviewer released some of those, it never saw them, and the model trains afresh on the clean
-    set instead."""
-    signal, decision = manifest["signal"].astype(str), manifest["decision"].astype(str)
-    isolation_ids = manifest.loc[signal.str.startswith("isolation"), "id"].to_numpy()
-    trained = ingested.subset(np.flatnonzero(~np.isin(ingested.ids, isolation_ids)))
-    x, y = to_tensor(trained.x, device), torch.from_numpy(trained.labels).to(device)
-    report = {"start": "second look's model", "n_trained_before": len(trained)}
-    if (decision[signal.str.startswith("isolation")] == "release").any():
-        seed_everything(params.seed)
-        reinitialise(model)
-        xc, yc = to_tensor(clean.x, device), torch.from_numpy(clean.labels).to(device)
-        _, shown = holdout_split(len(clean), u.holdout, params.seed)
-        gen = torch.Generator(device=device).manual_seed(params.seed)
-        finetune(model, tp, xc, yc, xc[shown], yc[shown], gen, curve, watch,
-                 params.train.isolate_epochs + params.train.finetune_epochs, phase="retrain")
-        return {**report, "start": "fresh weights: the reviewer released isolation suspects", "retrained": True}
-    pending = decision != "release"
-    position = {sample_id: k for k, sample_id in enumerate(trained.ids)}
-
-    def indices(mask) -> np.ndarray:
-        return np.array(sorted(position[i] for i in manifest.loc[mask & pending, "id"]), dtype=np.int64)
-
-    escaped = indices(signal == "recheck:escaped_loss")
-    first = indices(signal.str.startswith("recheck:") & (signal != "recheck:escaped_loss"))
-    if not len(first):
-        first, escaped = escaped, escaped[:0]
-    if not len(first):
-        return {**report, "n_unlearned": 0}
-    watch_class = found.get("implicated_by") in ("centroid_distance", "input_spectral")
-    unlearned, done = unlearn_flags(model, params, u, tp, x, y, first, escaped, watch_class, curve, watch)
-    return {**report, **unlearned, "n_unlearned": int(len(done))}
 
 
 def flagged_table(look: SecondLook | None, kept: Store | None) -> pd.DataFrame:

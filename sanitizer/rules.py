@@ -6,9 +6,13 @@ recorded in its metrics (`data_rules`). params.advanced can pin the augmentation
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from sanitizer import paths
+from sanitizer.errors import SanitizeError
 
 EASY = 0.8  # nearest-class-mean accuracy above which the data counts as easy (isolation: ABL's share, augmented)
 FLIP_KEEPS = 0.9  # flips are on when mirrored images keep this share of a nearest-class-mean classifier's accuracy
@@ -88,11 +92,6 @@ def decide(x: np.ndarray, labels: np.ndarray, seed: int, crop: int | None = None
 
 def load_rules(path=None) -> DataRules:
     """The rules ingest decided for this data (data/ingested/rules.json)."""
-    import json
-
-    from sanitizer import paths
-    from sanitizer.errors import SanitizeError
-
     path = path or paths.RULES_JSON
     try:
         return DataRules(**json.loads(path.read_text(encoding="utf-8"))["rules"])

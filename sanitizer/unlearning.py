@@ -5,7 +5,8 @@ suspects, which breaks the trigger -> target link: plain ABL's gradient ascent, 
 where every clean batch also pushes the suspects away from their label. A held-out share of the clean set watches
 clean accuracy; an epoch that costs too much of it is rolled back and retried at half the learning rate. After a
 separated group, a short clean fine-tune repairs what unlearning cost. When isolation found no evidence, the released
-model starts from the second look's model (sanitizer/recheck.py) instead. docs/method.md, "Unlearning", says why.
+model starts from the second look's model (sanitizer/recheck.py) and its flags are unlearned (`after_second_look`).
+docs/method.md, "Unlearning", says why.
 """
 
 from __future__ import annotations
@@ -195,3 +196,73 @@ def sanitize(model, params: Params, u: Unlearning, tp: TrainSettings, clean: Sto
     return curve, {"start": "fresh weights (defense off)" if off else "isolation model", "n_finetune": int(len(fit)),
                    "n_holdout": int(len(val)) if unlearning else 0, "n_unlearned": int(len(chosen)) if unlearning else 0,
                    "holdout_accuracy": round(accuracy(model, x_val, y_val), 4) if unlearning else None, **report}
+
+
+def unlearn_flags(model, params: Params, u: Unlearning, tp: TrainSettings, x: torch.Tensor, y: torch.Tensor,
+                  first: np.ndarray, escaped, watch_class: bool, curve: list, watch=None) -> tuple[dict, np.ndarray]:
+    """Unlearn the second look's flags from its model (x, y: the set it trained on): `first`, then, unless that was
+    rolled back, `first` with the escaped poison (`escaped`: indices, or a function of the model that finds them).
+    When unlearning cannot break the link without costing clean accuracy, the model trains afresh without `first`.
+    Returns (a report, the indices unlearned or left out); the seeded generator makes both stages' runs identical."""
+    gen = torch.Generator(device=x.device).manual_seed(params.seed)
+
+    def split_rest(flagged: np.ndarray):
+        keep = np.setdiff1d(np.arange(len(y)), flagged)
+        fit, val = holdout_split(len(keep), u.holdout, params.seed)
+        return keep, keep[fit], keep[val]
+
+    def unlearn_these(flagged: np.ndarray) -> dict:
+        _, fit, val = split_rest(flagged)
+        return unlearn_and_repair(model, u, tp, x[flagged], y[flagged], x[fit], y[fit], x[val], y[val], gen, curve,
+                                  watch, repair=True, watch_class=watch_class)
+
+    report = unlearn_these(first)
+    if report["rolled_back"] and report["suspects_obeyed"] > u.stop_at:
+        keep, _, shown = split_rest(first)
+        reinitialise(model)
+        finetune(model, tp, x[keep], y[keep], x[shown], y[shown], gen, curve, watch,
+                 params.train.isolate_epochs + params.train.finetune_epochs, phase="retrain")
+        return {**report, "retrained": True}, first
+    more = escaped(model) if callable(escaped) else escaped
+    if len(more):
+        both = np.union1d(first, more)
+        report["escaped_unlearning"] = unlearn_these(both)
+        return report, both
+    return report, first
+
+
+def after_second_look(model, params: Params, u: Unlearning, tp: TrainSettings, ingested: Store, clean: Store,
+                      manifest, found: dict, device: torch.device, curve: list, watch=None) -> dict:
+    """The released model from the second look's: its flags that the reviewer did not release are unlearned
+    (`unlearn_flags`, as the recheck stage did). The second look trained on the ingested set less isolation's
+    suspects; when the reviewer released some of those, it never saw them, and the model trains afresh on the clean
+    set instead."""
+    signal, decision = manifest["signal"].astype(str), manifest["decision"].astype(str)
+    isolation_ids = manifest.loc[signal.str.startswith("isolation"), "id"].to_numpy()
+    trained = ingested.subset(np.flatnonzero(~np.isin(ingested.ids, isolation_ids)))
+    x, y = to_tensor(trained.x, device), torch.from_numpy(trained.labels).to(device)
+    report = {"start": "second look's model", "n_trained_before": len(trained)}
+    if (decision[signal.str.startswith("isolation")] == "release").any():
+        seed_everything(params.seed)
+        reinitialise(model)
+        xc, yc = to_tensor(clean.x, device), torch.from_numpy(clean.labels).to(device)
+        _, shown = holdout_split(len(clean), u.holdout, params.seed)
+        gen = torch.Generator(device=device).manual_seed(params.seed)
+        finetune(model, tp, xc, yc, xc[shown], yc[shown], gen, curve, watch,
+                 params.train.isolate_epochs + params.train.finetune_epochs, phase="retrain")
+        return {**report, "start": "fresh weights: the reviewer released isolation suspects", "retrained": True}
+    pending = decision != "release"
+    position = {sample_id: k for k, sample_id in enumerate(trained.ids)}
+
+    def indices(mask) -> np.ndarray:
+        return np.array(sorted(position[i] for i in manifest.loc[mask & pending, "id"]), dtype=np.int64)
+
+    escaped = indices(signal == "recheck:escaped_loss")
+    first = indices(signal.str.startswith("recheck:") & (signal != "recheck:escaped_loss"))
+    if not len(first):
+        first, escaped = escaped, escaped[:0]
+    if not len(first):
+        return {**report, "n_unlearned": 0}
+    watch_class = found.get("implicated_by") in ("centroid_distance", "input_spectral")
+    unlearned, done = unlearn_flags(model, params, u, tp, x, y, first, escaped, watch_class, curve, watch)
+    return {**report, **unlearned, "n_unlearned": int(len(done))}

@@ -18,10 +18,9 @@ from sanitizer.fileio import write_csv, write_json
 from sanitizer.metrics import asr_watch
 from sanitizer.models import load_checkpoint, save_checkpoint
 from sanitizer.plots import unlearn_plot
-from sanitizer.recheck import after_second_look
 from sanitizer.rules import load_rules
 from sanitizer.train import pick_device, train_settings
-from sanitizer.unlearning import sanitize, unlearning_for
+from sanitizer.unlearning import after_second_look, sanitize, unlearning_for
 
 
 def run(params: Params) -> None:

@@ -242,19 +242,19 @@ def test_the_second_look_s_flags_are_in_the_quarantine_and_unlearned_from_its_mo
     assert len(clean) == len(store) - 30 and not set(flags) & set(clean.ids)  # out of the cleaned data
     params = Params.model_validate({"device": "cpu", "train": {"isolate_epochs": 1, "finetune_epochs": 1}})
     u = unlearning.unlearning_for(params)
-    report = recheck_lib.after_second_look(model, params, u, TP, store, clean, manifest,
+    report = unlearning.after_second_look(model, params, u, TP, store, clean, manifest,
                                            {"implicated_by": "centroid_distance"}, torch.device("cpu"), [])
     assert report["start"] == "second look's model" and report["n_unlearned"] == 20
     assert report["n_trained_before"] == len(store) - 10  # the second look trained on all but isolation's suspects
     # A flag the reviewer released stays in training and is not unlearned.
     released = manifest.assign(decision=np.where(manifest["id"] == flags[0], "release", "pending"))
-    report = recheck_lib.after_second_look(model, params, u, TP, store, clean, released,
+    report = unlearning.after_second_look(model, params, u, TP, store, clean, released,
                                            {"implicated_by": "centroid_distance"}, torch.device("cpu"), [])
     assert report["n_unlearned"] == 19
     # An isolation suspect released: the second look's model never saw it, so the model trains afresh on the clean set.
     released = manifest.assign(decision=np.where(manifest["id"] == store.ids[0], "release", "pending"))
     curve: list = []
-    report = recheck_lib.after_second_look(model, params, u, TP, store, clean, released,
+    report = unlearning.after_second_look(model, params, u, TP, store, clean, released,
                                            {"implicated_by": "centroid_distance"}, torch.device("cpu"), curve)
     assert report["retrained"] and {c["phase"] for c in curve} == {"retrain"}
 
@@ -266,12 +266,12 @@ def test_when_unlearning_the_flagged_is_rolled_back_the_model_trains_again_witho
         seen.append(len(xq))
         return {"unlearn_epochs_run": 0, "rolled_back": True, "suspects_obeyed": 1.0}
 
-    monkeypatch.setattr(recheck_lib, "unlearn_and_repair", unlearn_and_repair)
+    monkeypatch.setattr(unlearning, "unlearn_and_repair", unlearn_and_repair)
     params = Params.model_validate({"device": "cpu", "train": {"isolate_epochs": 1, "finetune_epochs": 1}})
     model, store, _ = digits_model_and_sets(1)
     x, y = torch.rand(60, 1, 8, 8), torch.arange(60) % 10
     first, curve = np.arange(0, 60, 3), []
-    report, done = recheck_lib.unlearn_flags(model, params, unlearning.unlearning_for(params), TP, x, y, first,
+    report, done = unlearning.unlearn_flags(model, params, unlearning.unlearning_for(params), TP, x, y, first,
                                              np.arange(1, 5), False, curve)
     assert seen == [len(first)] and report["retrained"] and np.array_equal(done, first)  # no look for escaped poison
     assert [c["phase"] for c in curve] == ["retrain"] * 2  # the whole budget again
@@ -306,6 +306,6 @@ def test_the_unlearn_stage_repeats_the_recheck_stage_s_unlearning_exactly():
     runs = []
     for _ in range(2):
         copy_ = copy.deepcopy(model)
-        recheck_lib.unlearn_flags(copy_, params, u, TP, x, y, first, np.empty(0, dtype=np.int64), False, [])
+        unlearning.unlearn_flags(copy_, params, u, TP, x, y, first, np.empty(0, dtype=np.int64), False, [])
         runs.append(torch.cat([p.detach().flatten() for p in copy_.state_dict().values() if p.is_floating_point()]))
     assert torch.equal(runs[0], runs[1])
