@@ -62,6 +62,16 @@ class RedteamParams(Section):
     wanet_cross_ratio: float = Field(2.0, ge=0, le=10, description="wanet: noise-mode samples per backdoor sample")
 
 
+class CanaryParams(Section):
+    """The self-test (sanitizer/canary.py): backdoors ingest plants on purpose, which the gate checks were removed.
+    Only ingest and the metrics read this section."""
+    rate: float = Field(0.0, ge=0, le=0.2, description="share of the training set copied, triggered and relabelled "
+                        "per canary (one a trigger family), e.g. 0.03; 0: no canaries (the default: docs/method.md, "
+                        "Canaries)")
+    seed: Optional[int] = Field(None, ge=0, le=2**32 - 1, description="the canaries' secret: their triggers and "
+                                "targets are drawn from it; null: from `seed`")
+
+
 class ModelParams(Section):
     width: int = Field(32, ge=4, le=512, description="channels of the first conv block (doubled per stage)")
 
@@ -90,6 +100,14 @@ class GuardParams(Section):
 class GateParams(Section):
     max_asr: float = Field(0.05, ge=0, le=1, description="release blocked when any attack success rate is higher")
     min_clean_accuracy: float = Field(0.9, ge=0, le=1, description="release blocked when clean accuracy is lower")
+    min_canary_recall: float = Field(
+        0.9, ge=0, le=1, description="release blocked when the quarantine holds a smaller share of any canary's "
+        "samples (docs/method.md, Canaries)"
+    )
+    max_scan_anomaly: Optional[float] = Field(
+        2.0, gt=0, le=100, description="release blocked when the residual-backdoor scan (sanitizer/scan.py) finds a "
+        "class whose reversed trigger's size has a higher anomaly index (Neural Cleanse's 2); null: no scan"
+    )
     min_guard_tpr: Optional[float] = Field(
         None, ge=0, le=1, description="release blocked when the guard flags fewer of the red team's triggered "
         "test images; null: reported, not checked"
@@ -146,6 +164,7 @@ class Params(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
     data: DataParams = DataParams()
     redteam: RedteamParams = RedteamParams()
+    canary: CanaryParams = CanaryParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     defense: DefenseParams = DefenseParams()

@@ -1,5 +1,6 @@
 """Ingestion: read the source, validate every sample with Great Expectations, plant the red team's poison (a
-simulation, whose truth only the metrics read), split off the calibration images and decide the data rules."""
+simulation) and the canaries (the self-test; both truths only the metrics read), split off the calibration images and
+decide the data rules."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from sanitizer.canary import canary_seed, draw_canaries, plant_canaries
 from sanitizer.config import Params
 from sanitizer.data import Store, calibration_split, make_store
 from sanitizer.errors import SanitizeError
@@ -138,6 +140,7 @@ class Ingested:
     validation: dict
     notes: list[str]
     truth_rows: list[tuple]  # (id, original label, attack, target, role) of every sample the red team touched
+    canary_rows: list[tuple]  # (id, source id, canary, family, target) of every canary (sanitizer/canary.py)
     rules: DataRules
     evidence: dict  # what the rules read
 
@@ -156,10 +159,14 @@ def ingest(params: Params) -> Ingested:
         truth_rows = [(train.ids[i], int(train.labels[i]), rt.attack, rt.target, role)
                       for i, role in sorted(roles.items())]
         train = make_store(x, labels, train.ids, class_names)
+    seed = canary_seed(params)
+    canaries = draw_canaries(params.canary, seed, train.image_shape, len(class_names))
+    train, canary_rows = plant_canaries(train, canaries, params.canary.rate, seed)
     table = pd.concat([sample_table(train, "train"), sample_table(test, "test")], ignore_index=True)
     # Validated as one test split, then split: the guard is calibrated on data no stage trains on and the gate does
     # not score.
     kept, held = calibration_split(test.labels, params.data.calibration_size, params.seed)
     adv = params.advanced.train
     rules, evidence = decide(train.x, train.labels, params.seed, adv.crop_padding, adv.flip)
-    return Ingested(train, test.subset(kept), test.subset(held), table, validation, notes, truth_rows, rules, evidence)
+    return Ingested(train, test.subset(kept), test.subset(held), table, validation, notes, truth_rows, canary_rows,
+                    rules, evidence)

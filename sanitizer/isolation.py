@@ -229,18 +229,44 @@ def choose(history: np.ndarray, store: Store, p: Selection, fused: np.ndarray | 
     """(isolated indices, the score they were ranked by (low = suspicious), a report of the rule). `fused` (from
     `fused_suspicion`) replaces the loss as the ranking. The report's `evidence` is the adaptive rule's ("group",
     "weak" or "none"), None for plain ABL's share. A separated group is refined over `feats` (the isolation model's
-    penultimate features); a fallback's share is no group and is left as it is."""
+    penultimate features); a fallback's share is no group and is left as it is.
+
+    Several backdoors may aim at several labels at once (an attacker's option, and the canaries'): after a group is
+    isolated, its label leaves the pool and the rule looks again at the other labels, until it finds no group. Each
+    group's report is kept in `groups`."""
     suspicion = suspicion_score(history)
     rank_by = fused if fused is not None else suspicion if p.adaptive else history[:, -1]
     if not p.adaptive:
         return lowest(rank_by, store.ids, p.ratio), rank_by, {"rule": "ratio", "evidence": None}
-    isolated, report = adaptive_selection(suspicion, store.labels, store.ids, p, rank_by, history[:, -1])
-    if report["evidence"] == "group" and p.refine_k and feats is not None:
-        refined = refine_by_neighbours(feats, store.labels, isolated, p)
-        report["refined"] = {"dropped": int(len(np.setdiff1d(isolated, refined))),
-                             "added": int(len(np.setdiff1d(refined, isolated)))}
-        isolated = refined
+    labels, pool, groups = store.labels, np.arange(len(store)), []
+    isolated, cap = np.empty(0, dtype=np.int64), int(round(p.max_ratio * len(store)))
+    fallback = None
+    while len(np.unique(labels[pool])) > 1:  # rules 1 and 2 of `adaptive_selection`, one label a round
+        chosen, report = adaptive_selection(suspicion[pool], labels[pool], store.ids[pool], p, rank_by[pool],
+                                            history[pool, -1])
+        if report["evidence"] != "group":
+            fallback = (pool[chosen], report)
+            break
+        groups.append(report)
+        isolated = np.union1d(isolated, _refined(pool[chosen], feats, labels, p, report))
+        pool = pool[labels[pool] != report["implicated_label"]]
+    if not groups:  # no group: the fallback's share, as the rule reports it
+        return fallback[0], rank_by, fallback[1]
+    if len(isolated) > cap:
+        isolated = np.sort(isolated[np.lexsort((store.ids[isolated], rank_by[isolated]))[:cap]])
+    report = {**groups[0], "evidence": "group", "implicated_labels": [g["implicated_label"] for g in groups],
+              "groups": groups}
     return isolated, rank_by, report
+
+
+def _refined(chosen: np.ndarray, feats, labels: np.ndarray, p: Selection, report: dict) -> np.ndarray:
+    """`refine_by_neighbours` of one label's group, recorded in its report."""
+    if not p.refine_k or feats is None:
+        return chosen
+    refined = refine_by_neighbours(feats, labels, chosen, p)
+    report["refined"] = {"dropped": int(len(np.setdiff1d(chosen, refined))),
+                         "added": int(len(np.setdiff1d(refined, chosen)))}
+    return refined
 
 
 @dataclass

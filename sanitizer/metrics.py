@@ -1,4 +1,4 @@
-"""Metrics: the only code that reads red-team truth. The defense never calls it to choose anything."""
+"""Metrics: the only code that reads red-team or canary truth. The defense never calls it to choose anything."""
 
 from __future__ import annotations
 
@@ -27,6 +27,34 @@ def poisoned_ids() -> set[str] | None:
         return None
     truth = pd.read_csv(paths.REDTEAM_TRUTH, dtype={"id": str}, keep_default_na=False)
     return set(truth.loc[truth["role"] == "backdoor", "id"])
+
+
+def canary_truth() -> pd.DataFrame:
+    """id, source_id, canary, family, target of every canary ingest planted (empty without canaries)."""
+    if not paths.CANARY_TRUTH.exists():
+        return pd.DataFrame(columns=["id", "source_id", "canary", "family", "target"])
+    return pd.read_csv(paths.CANARY_TRUTH, dtype={"id": str, "source_id": str}, keep_default_na=False)
+
+
+def canary_ids() -> set[str]:
+    """The training set's canaries: for the accounting and the user's cleaned data, never for a choice."""
+    return set(canary_truth()["id"])
+
+
+def canary_results(params, predict, test, quarantined: set[str]) -> list[dict]:
+    """Per canary: its ASR on `predict` (the released model) over the test images of other classes, and the share of
+    its samples in `quarantined` (recall)."""
+    from sanitizer.canary import canary_seed, draw_canaries
+
+    truth = canary_truth()
+    out = []
+    for c in draw_canaries(params.canary, canary_seed(params), test.image_shape, len(test.class_names)):
+        ids = set(truth.loc[truth["canary"] == c.name, "id"])
+        caught = len(ids & quarantined)
+        out.append({"canary": c.name, "family": c.family, "target": c.target, "n": len(ids), "quarantined": caught,
+                    "recall": round(caught / len(ids), 4) if ids else None,
+                    "asr": round(attack_success_rate(predict, test.x, test.labels, c.apply, c.target), 4)})
+    return out
 
 
 def isolation_quality(flagged_ids, poisoned: set[str] | None) -> dict:

@@ -9,6 +9,7 @@ SAMPLES_CSV = INGESTED / "samples.csv"
 CALIBRATION_STORE = INGESTED / "calibration.npz"  # clean, held out of the test split: the guard's threshold
 REDTEAM_TRUTH = INGESTED / "redteam_truth.csv"  # read by metrics only, never by a defense
 REDTEAM_TEST = INGESTED / "redteam_test.npz"  # triggered non-target test images labelled as the target: metrics only
+CANARY_TRUTH = INGESTED / "canary_truth.csv"  # which training samples are canaries (sanitizer/canary.py): metrics only
 RULES_JSON = INGESTED / "rules.json"  # settings decided from the training images (sanitizer/rules.py)
 
 ISOLATE = Path("data/isolate")
@@ -28,6 +29,7 @@ QUARANTINE = Path("data/quarantine")
 QUARANTINE_CSV = QUARANTINE / "quarantine.csv"
 QUARANTINE_STORE = QUARANTINE / "quarantine.npz"
 QUARANTINE_IMAGES = QUARANTINE / "images"
+SCAN_IMAGES = QUARANTINE / "scan"  # the gate's reversed triggers, one picture a class, shown on the review page
 KEPT_CSV = QUARANTINE / "kept.csv"  # typical kept samples shown beside the suspects
 REVIEW_PAGE = QUARANTINE / "index.html"
 CLEAN = Path("data/clean")

@@ -24,6 +24,7 @@ import pandas as pd
 from sanitizer import paths
 from sanitizer.config import Params
 from sanitizer.fileio import write_text
+from sanitizer.metrics import canary_ids
 
 STYLE = """
 :root{--red:#c0392b;--green:#1e8449;--blue:#2c7fb8;--grey:#777}
@@ -40,6 +41,8 @@ table{border-collapse:collapse;background:#fff} td,th{padding:.15rem .6rem;borde
 .plots img{max-width:32rem;width:100%;border:1px solid #ddd;background:#fff;margin:0 .5rem .5rem 0}
 .strip{display:flex;gap:.4rem;align-items:center;flex-wrap:wrap;margin:.2rem 0}
 .strip img{width:48px;height:48px;image-rendering:pixelated;background:#000}
+.strip img.trigger{width:96px;height:96px;outline:2px solid #b00}
+.canary{color:#805b00}
 .toolbar{position:sticky;top:0;z-index:2;background:#fafafa;border-bottom:1px solid #ddd;padding:.5rem 1.5rem;
  display:none;gap:1rem;align-items:center;flex-wrap:wrap}
 .js .toolbar{display:flex} .js-only{display:none} .js .js-only{display:inline-block}
@@ -206,8 +209,10 @@ def detector_line(row) -> str:
     return "<div class='detectors'>" + " &middot; ".join(f"{name} {float(v):.2f}" for name, v in shown) + "</div>"
 
 
-def card(row, spark: str) -> str:
+def card(row, spark: str, canary: bool = False) -> str:
     note = f"<div>note: {_e(row.note)}</div>" if row.note else ""
+    if canary:
+        note += "<div class='canary'>a canary: the pipeline's own planted backdoor (confirm it)</div>"
     return (f"<article class='card' tabindex='-1' data-id='{_e(row.id)}' data-label='{int(row.label)}' "
             f"data-decision='{_e(row.decision)}' data-state='{_e(row.decision)}' data-note='{_e(row.note)}'>"
             f"<img src='{_e(row.image)}' alt='suspect {_e(row.id)}' loading='lazy' width='128' height='128'>"
@@ -245,6 +250,32 @@ def gate_section(gate: Optional[dict]) -> str:
             f"<table><tr><th>check</th><th>value</th><th>rule</th><th></th></tr>{rows}</table>")
 
 
+def scan_section(gate: Optional[dict], manifest: pd.DataFrame, class_names: list[str]) -> str:
+    """The residual-backdoor scan's verdict per class; for a flagged class, its reversed trigger beside the suspects
+    of that class."""
+    scan = (gate or {}).get("scan")
+    if not scan:
+        return "<p class='muted'>The gate scans the released model (gate.max_scan_anomaly); not run.</p>"
+    rows = "".join(f"<tr><td>{_e(c['class_name'])}</td><td>{c['mask_area']:.4f}</td><td>{c['anomaly_index']:.2f}</td>"
+                   f"<td>{c['success']:.2f}</td><td>{'FLAGGED' if c['flagged'] else ''}</td></tr>"
+                   for c in scan["classes"])
+    flagged = []
+    for c in scan["classes"]:
+        if not c["flagged"]:
+            continue
+        mates = manifest.loc[manifest["label"] == c["class"]].head(12)
+        thumbs = "".join(f"<img src='{_e(r.image)}' alt='suspect {_e(r.id)}' title='{_e(r.id)}'>"
+                         for r in mates.itertuples(index=False))
+        flagged.append(f"<div class='strip'><span>class <b>{_e(c['class_name'])}</b>: reversed trigger</span>"
+                       f"<img class='trigger' src='{_e(c['image'])}' alt='reversed trigger of {_e(c['class_name'])}'>"
+                       f"<span>{len(mates)} of its suspects:</span>{thumbs or ' none'}</div>")
+    verdict = (f"<p><b>{len(scan['flagged'])} class(es) flagged</b> (anomaly index above {scan['threshold']}): "
+               "a small trigger sends clean images there, as a backdoor does.</p>" if scan["flagged"] else
+               f"<p>No class flagged (anomaly index above {scan['threshold']}).</p>")
+    return (verdict + "".join(flagged) + "<table><tr><th>class</th><th>reversed mask area</th><th>anomaly index</th>"
+            f"<th>its success on clean test images</th><th></th></tr>{rows}</table>")
+
+
 def params_line(params: Params) -> str:
     rt = params.redteam
     parts = [f"seed={params.seed}", f"data.source={params.data.source}", f"defense.method={params.defense.method}",
@@ -256,14 +287,14 @@ def params_line(params: Params) -> str:
 
 def render_review_page(manifest: pd.DataFrame, scores: pd.DataFrame, kept: pd.DataFrame, summary: dict,
                        class_counts: dict, class_names: list[str], params: Params, gate: Optional[dict],
-                       plot_files: list[str]) -> str:
+                       plot_files: list[str], canaries: set[str] = frozenset()) -> str:
     epochs = [c for c in scores.columns if c.startswith("loss_epoch_")]
     kept_median = scores.loc[scores["isolated"] == 0, epochs].median().to_numpy() if len(scores) else np.zeros(0)
     suspects = manifest.merge(scores[["id", *epochs]], on="id", how="left")  # the manifest's order: by signal
     curves = suspects[epochs].to_numpy(dtype=float)
     logs = np.log10(np.r_[curves.ravel(), kept_median] + 1e-6) if len(suspects) else np.zeros(1)
     lo, hi = float(np.nanmin(logs)), float(np.nanmax(logs))
-    rendered = [card(r, sparkline(curve, kept_median, lo, hi))
+    rendered = [card(r, sparkline(curve, kept_median, lo, hi), r.id in canaries)
                 for r, curve in zip(suspects.itertuples(index=False), curves)]
     cards = "".join(rendered[:PAGE])
     rest = f"<template id='rest'>{''.join(rendered[PAGE:])}</template>" if len(rendered) > PAGE else ""
@@ -303,6 +334,7 @@ def render_review_page(manifest: pd.DataFrame, scores: pd.DataFrame, kept: pd.Da
 {evidence}
 <p class="muted">Produced with {_e(params_line(params))}.</p></header>
 <section><h2>Gate</h2>{gate_section(gate)}</section>
+<section><h2>Residual-backdoor scan of the released model</h2>{scan_section(gate, manifest, class_names)}</section>
 <section><h2>Classes among the suspects</h2>{classes}</section>
 <section class="plots"><h2>Plots</h2>{plots or '<p class="muted">No plots yet.</p>'}</section>
 <section><h2>Typical kept samples of the suspects' classes</h2>{strips or '<p class="muted">None.</p>'}</section>
@@ -346,4 +378,4 @@ def write_review_page(params: Params, gate: Optional[dict] = None) -> None:
         plot_names.append("unlearn.png")
     plot_files = [f"../../plots/{name}" for name in plot_names if (paths.PLOTS / name).exists()]
     write_text(paths.REVIEW_PAGE, render_review_page(manifest, scores, kept, summary, class_counts, class_names,
-                                                     params, gate, plot_files))
+                                                     params, gate, plot_files, canary_ids()))

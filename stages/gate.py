@@ -1,50 +1,88 @@
 """gate: measure the exported ONNX model (not the torch one) and block the release when it fails.
 
-Clean accuracy on the test split, and the attack success rate (ASR) of every red-team trigger: the
-share of triggered test images whose true label is not the target that the model calls the target.
-metrics/gate.json is written first, then the stage exits 1 naming each failed check.
+Clean accuracy on the test split; the attack success rate (ASR) of every red-team trigger (the share of triggered
+test images whose true label is not the target that the model calls the target); each canary's ASR and the share of
+its samples the quarantine holds (the self-test, sanitizer/canary.py); and the residual-backdoor scan of the released
+model (sanitizer/scan.py), which needs no trigger. metrics/gate.json is written first, then the stage exits 1 naming
+each failed check.
 """
 
 from __future__ import annotations
 
 import sys
 
+import pandas as pd
+import torch
 
 from sanitizer import paths
 from sanitizer.config import Params
 from sanitizer.data import load_store
-from sanitizer.errors import GateFailed
-from sanitizer.fileio import write_json
+from sanitizer.errors import GateFailed, SanitizeError
+from sanitizer.export import parity
+from sanitizer.fileio import atomic_dir, write_json
 from sanitizer.guard import guard_rates
-from sanitizer.metrics import attack_success_rate, clean_accuracy
+from sanitizer.metrics import attack_success_rate, canary_results, clean_accuracy
+from sanitizer.models import load_checkpoint
 from sanitizer.onnx_io import onnx_predictor
+from sanitizer.quarantine import write_png
 from sanitizer.review_page import write_review_page
+from sanitizer.scan import scan_model, trigger_picture
 from sanitizer.triggers import TRIGGERS  # metrics may know the attack; the defense never does
+
+
+def check(name: str, value: float, threshold: float, rule: str) -> dict:
+    passed = value >= threshold if rule == ">=" else value <= threshold
+    return {"name": name, "value": round(value, 4), "threshold": threshold, "rule": rule, "passed": bool(passed)}
+
+
+def scan_release(params: Params, test, predict) -> dict:
+    """Scan models/model.pt, checked first to be the exported model, on the calibration images; each reversed trigger's
+    success is measured on the ONNX model. Writes the triggers' pictures to data/quarantine/scan."""
+    cpu = torch.device("cpu")
+    model, _ = load_checkpoint(paths.MODEL, cpu)
+    model.eval()
+    diff = parity(model, paths.ONNX_MODEL, test.x)
+    if not diff <= params.advanced.export.atol:
+        raise SanitizeError(f"{paths.ONNX_MODEL}: is not the export of {paths.MODEL} (logits differ by {diff:.2e}); "
+                            "re-run `dvc repro export`")
+    report, triggers = scan_model(model, load_store(paths.CALIBRATION_STORE), test, predict,
+                                  params.gate.max_scan_anomaly, cpu, params.seed)
+    with atomic_dir(paths.SCAN_IMAGES) as out:
+        for c in report["classes"]:
+            c["image"] = f"{paths.SCAN_IMAGES.name}/class-{c['class']:04d}.png"
+            write_png(out / f"class-{c['class']:04d}.png", trigger_picture(triggers.mask[c["class"]],
+                                                                           triggers.pattern[c["class"]]))
+    return report
 
 
 def run(params: Params) -> None:
     test = load_store(paths.TEST_STORE)
     predict = onnx_predictor(paths.ONNX_MODEL)
     gp, rt = params.gate, params.redteam
-    checks = []
     ca = clean_accuracy(predict, test.x, test.labels)
-    checks.append({"name": "clean_accuracy", "value": round(ca, 4), "threshold": gp.min_clean_accuracy,
-                   "rule": ">=", "passed": ca >= gp.min_clean_accuracy})
+    checks = [check("clean_accuracy", ca, gp.min_clean_accuracy, ">=")]
     asr = {}
     if rt.attack:
-        value = attack_success_rate(predict, test.x, test.labels, lambda x: TRIGGERS[rt.attack](x, rt), rt.target)
-        asr[rt.attack] = round(value, 4)
-        checks.append({"name": f"asr:{rt.attack}", "value": round(value, 4), "threshold": gp.max_asr,
-                       "rule": "<=", "passed": value <= gp.max_asr})
+        asr[rt.attack] = attack_success_rate(predict, test.x, test.labels, lambda x: TRIGGERS[rt.attack](x, rt),
+                                             rt.target)
+        checks.append(check(f"asr:{rt.attack}", asr[rt.attack], gp.max_asr, "<="))
+    manifest = pd.read_csv(paths.QUARANTINE_CSV, dtype={"id": str}, keep_default_na=False)
+    canaries = canary_results(params, predict, test, set(manifest.loc[manifest["quarantined"] == 1, "id"]))
+    for c in canaries:
+        checks += [check(f"asr:{c['canary']}", c["asr"], gp.max_asr, "<="),
+                   check(f"recall:{c['canary']}", c["recall"], gp.min_canary_recall, ">=")]
+    scan = scan_release(params, test, predict) if gp.max_scan_anomaly is not None else None
+    if scan:
+        checks.append(check("scan:flagged_classes", len(scan["flagged"]), 0, "<="))
     guard = guard_rates(params, test, checks)
     passed = all(c["passed"] for c in checks)
     write_json(paths.metrics_file("gate"), {
         "passed": passed, "clean_accuracy": round(ca, 4), "min_clean_accuracy": gp.min_clean_accuracy,
-        "asr": asr, "max_asr": gp.max_asr, "target": rt.target if rt.attack else None,
+        "asr": {k: round(v, 4) for k, v in asr.items()}, "max_asr": gp.max_asr,
+        "target": rt.target if rt.attack else None, "canaries": canaries, "scan": scan,
         "n_test": len(test), "guard": guard, "checks": checks,
     })
-    if paths.QUARANTINE_CSV.exists():
-        write_review_page(params, gate={"passed": passed, "checks": checks, "n_test": len(test)})
+    write_review_page(params, gate={"passed": passed, "checks": checks, "n_test": len(test), "scan": scan})
     for c in checks:
         print(f"[gate] {c['name']} = {c['value']} ({c['rule']} {c['threshold']}): "
               f"{'pass' if c['passed'] else 'FAIL'}", file=sys.stderr)

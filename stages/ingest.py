@@ -1,6 +1,6 @@
 """ingest: read the source, validate every sample with Great Expectations, hash it, and write the canonical tensor
-store (data/ingested). With a red team, poison a share of the training set first and write the ground truth to its
-own file, which only metrics read. The data rules (sanitizer/rules.py) are decided here, printed and recorded.
+store (data/ingested). With a red team, poison a share of the training set first; then add the canaries; each truth
+goes to its own file, which only metrics read. The data rules (sanitizer/rules.py) are decided here, printed and recorded.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def run(params: Params) -> None:
             save_store(out / paths.REDTEAM_TEST.name, redteam_test_set(test, params))
         write_csv(out / paths.REDTEAM_TRUTH.name, ["id", "original_label", "attack", "target", "role"],
                   data.truth_rows)
+        write_csv(out / paths.CANARY_TRUTH.name, ["id", "source_id", "canary", "family", "target"], data.canary_rows)
         write_json(out / paths.RULES_JSON.name, {"rules": rules.as_dict(), "evidence": evidence})
     counts, class_names = Counter(train.labels.tolist()), list(train.class_names)
     roles = Counter(row[-1] for row in data.truth_rows)
@@ -35,10 +36,11 @@ def run(params: Params) -> None:
         "image_shape": list(train.image_shape), "data_hash": store_hash(train),
         "train_class_counts": {class_names[k]: counts[k] for k in sorted(counts)},
         "validation": data.validation, "notes": data.notes, "data_rules": {**rules.as_dict(), **evidence},
-        "redteam_poisoned": roles["backdoor"], "redteam_noise_mode": roles["noise"],
+        "redteam_poisoned": roles["backdoor"], "redteam_noise_mode": roles["noise"], "canaries": len(data.canary_rows),
     })
     print(f"[ingest] {len(train)} train / {len(test)} test / {len(calibration)} calibration samples, "
-          f"{len(class_names)} classes, {len(data.truth_rows)} modified by the red team ({params.redteam.attack})",
+          f"{len(class_names)} classes, {len(data.truth_rows)} modified by the red team ({params.redteam.attack}), {len(data.canary_rows)} "
+          "canaries added",
           file=sys.stderr)
     print(f"[ingest] data rules: isolation {rules.isolation}, {'with' if rules.augment_isolation else 'without'} "
           f"augmentation (nearest-class-mean accuracy {evidence['nearest_mean_accuracy']:.2f}); flips "

@@ -3,19 +3,21 @@ each and the review page; `review/decisions.csv` releases false positives back o
 
 Reads data/ingested, data/isolate, data/recheck and review/decisions.csv; writes data/quarantine and data/clean
 (the released model's training set, and the cleaned data to take away: cleaned.npz, or kept_paths.txt for an
-image folder) and metrics/quarantine.json.
+image folder, which never hold a canary) and metrics/quarantine.json.
 """
 
 from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pandas as pd
 
 from sanitizer import paths
 from sanitizer.config import Params
 from sanitizer.data import load_store, save_arrays, save_store
 from sanitizer.fileio import atomic_dir, write_json, write_text
+from sanitizer.metrics import canary_ids
 from sanitizer.quarantine import (MANIFEST_COLUMNS, merge_suspects, partition, read_decisions, typical_kept,
                                   write_png)
 from sanitizer.review_page import DETECTOR_COLUMNS, write_review_page
@@ -57,15 +59,21 @@ def run(params: Params) -> None:
             kept_rows.append((sample_id, label, image))
         pd.DataFrame(kept_rows, columns=["id", "label", "image"]).to_csv(out / paths.KEPT_CSV.name, index=False)
         save_store(out / paths.QUARANTINE_STORE.name, quarantined)
+    canaries = canary_ids()  # the accounting and the user's cleaned data leave them out; no choice above read them
+    users = clean.subset(np.flatnonzero(~np.isin(clean.ids, list(canaries))))
     with atomic_dir(paths.CLEAN) as out:
         save_store(out / paths.CLEAN_STORE.name, clean)
-        # The cleaned set in the source's own terms: the kept files of an image folder, else arrays as npz reads them.
+        # The cleaned set in the source's own terms, without canaries: the kept files of an image folder, else arrays
+        # as npz reads them.
         if params.data.source == "imagefolder":
-            write_text(out / paths.KEPT_PATHS.name, "".join(f"{i}\n" for i in clean.ids))
+            write_text(out / paths.KEPT_PATHS.name, "".join(f"{i}\n" for i in users.ids))
         else:
-            save_arrays(out / paths.CLEAN_ARRAYS.name, clean)
+            save_arrays(out / paths.CLEAN_ARRAYS.name, users)
     by_signal = suspects.loc[~suspects["id"].isin(released), "signal"].value_counts().to_dict()
+    # n_ingested = n_clean + n_quarantined, each counting canaries; n_canaries = n_canaries_clean + ..._quarantined.
     summary = {"n_ingested": len(store), "n_clean": len(clean), "n_quarantined": len(quarantined),
+               "n_canaries": len(canaries), "n_canaries_clean": len(clean) - len(users),
+               "n_canaries_quarantined": len(canaries) - (len(clean) - len(users)), "n_cleaned_data": len(users),
                "n_released": len(released), "n_confirmed": sum(d == "confirm" for d, _ in decisions.values()),
                "quarantined_by_signal": {str(k): int(v) for k, v in by_signal.items()}}
     write_json(paths.metrics_file("quarantine"), summary)

@@ -76,3 +76,17 @@ def test_the_readme_results_table_is_generated_from_the_committed_results():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     committed = readme.split(START, 1)[1].split(END, 1)[0].strip()
     assert committed == current_table().strip(), "run `python -m bench.table` and commit README.md"
+
+
+def test_selftest_units_change_only_the_seed_canaries_and_defense():
+    from bench.selftest import CANARY_RATE, unit_params
+    from sanitizer.config import load_params
+
+    shipped = load_params(ROOT / "params.yaml").model_dump()
+    for kind, method, canaries in [("canary", "full", CANARY_RATE), ("nocanary", "full", 0.0), ("off", "off", CANARY_RATE),
+                                   ("clean", "off", 0.0), ("oracle", "off", 0.0)]:
+        unit = unit_params("digits", None, 0.0, 3, kind).model_dump()
+        assert (unit["seed"], unit["defense"]["method"], unit["canary"]["rate"]) == (3, method, canaries)
+        assert unit["redteam"]["poison_rate"] == 0.0  # no attack: nothing planted
+        differs = {k for k in shipped if unit[k] != shipped[k]} - {"seed", "data", "redteam", "defense", "canary", "device"}
+        assert not differs, (kind, differs)

@@ -30,7 +30,7 @@ def test_attack_success_rate_counts_only_non_target_images():
 
 
 def test_failed_gate_writes_report_then_blocks(pipeline, tmp_path, monkeypatch):
-    for sub in ("data/ingested", "models"):
+    for sub in ("data", "models", "metrics", "plots"):
         shutil.copytree(pipeline / sub, tmp_path / sub)
     shutil.copy(pipeline / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)

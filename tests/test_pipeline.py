@@ -18,6 +18,9 @@ def test_default_run_removes_the_backdoor_and_passes_the_gate(pipeline):
     assert gate["passed"] is True
     assert gate["asr"]["badnets"] <= 0.05
     assert gate["clean_accuracy"] >= 0.93
+    # The scan of the released model: a figure per class, nothing flagged once the backdoor is gone.
+    assert gate["scan"]["flagged"] == [] and len(gate["scan"]["classes"]) == 10
+    assert all((pipeline / "data/quarantine" / c["image"]).exists() for c in gate["scan"]["classes"])
 
 
 def test_default_run_isolates_poison(pipeline):
@@ -60,6 +63,33 @@ def test_without_defense_the_backdoor_survives_and_the_gate_blocks(pipeline, tmp
     assert "Running stage 'ingest'" not in result.stdout  # only what the change affects re-ran
 
 
+def test_canaries_implant_without_defense_block_the_gate_and_never_reach_the_cleaned_data(pipeline, tmp_path):
+    """canary.rate on, defense off: each canary's backdoor takes hold (so they measure something), the gate blocks on
+    them, and the cleaned data a user takes away holds exactly the user's samples."""
+    import numpy as np
+
+    from sanitizer.data import load_store
+
+    copy = tmp_path / "canaries"
+    shutil.copytree(pipeline, copy)
+    set_params(copy, **{"defense.method": "off", "canary.rate": 0.05})
+    result = run_cmd([sys.executable, "-m", "dvc", "repro"], copy)
+    assert result.returncode != 0 and "asr:canary-1=" in result.stderr + result.stdout
+    gate = read_json(copy / "metrics/gate.json")
+    assert [c["family"] for c in gate["canaries"]] == ["patch", "blend"]
+    assert all(c["n"] == 72 and c["recall"] == 0.0 for c in gate["canaries"])
+    assert max(c["asr"] for c in gate["canaries"]) >= 0.9
+    counts = read_json(copy / "metrics/quarantine.json")
+    assert counts["n_canaries"] == 144 and counts["n_ingested"] == counts["n_clean"] + counts["n_quarantined"]
+    truth = (copy / "data/ingested/canary_truth.csv").read_text().splitlines()
+    canary_ids = {line.split(",")[0] for line in truth[1:]}
+    cleaned = np.load(copy / "data/clean/cleaned.npz")
+    assert len(canary_ids) == 144 and not canary_ids & set(cleaned["ids_train"].tolist())
+    ingested = set(load_store(copy / "data/ingested/train.npz").ids.tolist())
+    assert set(cleaned["ids_train"].tolist()) == ingested - canary_ids  # nothing quarantined: every user sample
+    assert counts["n_cleaned_data"] == len(ingested) - 144
+
+
 def test_static_plots_and_review_page_are_written(pipeline):
     from PIL import Image
 
@@ -72,3 +102,4 @@ def test_static_plots_and_review_page_are_written(pipeline):
     assert float(lines[-1].split(",")[-1]) <= 0.05  # ASR after unlearning, from the red team's test images
     page = (pipeline / "data/quarantine/index.html").read_text(encoding="utf-8")
     assert "release allowed" in page and "Content-Security-Policy" in page
+    assert "Residual-backdoor scan" in page and "No class flagged" in page
