@@ -72,9 +72,15 @@ def plant_canaries(train: Store, canaries: list[Canary], rate: float, seed: int)
     (id, source id, canary, family, target)."""
     rng = np.random.default_rng([seed, 0xCA7A3])
     n = int(round(rate * len(train)))
+    if canaries and n == 0:
+        raise SanitizeError(f"canary.rate={rate} of {len(train)} training samples makes no canary sample; raise "
+                            f"canary.rate to at least {0.5 / max(len(train), 1):.2g} or set it to 0")
     xs, labels, ids, rows = [], [], [], []
     for canary in canaries:
         candidates = np.flatnonzero(train.labels != canary.target)
+        if not len(candidates):
+            raise SanitizeError(f"canary {canary.name}: every training sample has its target label "
+                                f"{canary.target}, so none can be copied; set canary.rate: 0")
         source = np.sort(rng.choice(candidates, size=min(n, len(candidates)), replace=False))
         xs.append(canary.apply(train.x[source]))
         labels.append(np.full(len(source), canary.target, dtype=train.labels.dtype))

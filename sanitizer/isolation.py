@@ -57,6 +57,17 @@ def implicated_class(labels: np.ndarray) -> int:
     return int(np.bincount(labels).argmax())
 
 
+IMPLICATED_SHARE = 0.1  # a label with this share of the suspects is implicated too: several backdoors, several labels
+
+
+def implicated_classes(labels: np.ndarray) -> list[int]:
+    """The labels the suspects point at, most first: `implicated_class`, and every other label that holds at least
+    IMPLICATED_SHARE of them (an isolation that found several groups)."""
+    counts = np.bincount(labels)
+    return [int(c) for c in np.argsort(-counts, kind="stable")
+            if counts[c] and (c == counts.argmax() or counts[c] >= IMPLICATED_SHARE * len(labels))]
+
+
 def lowest(score: np.ndarray, ids: np.ndarray, ratio: float) -> np.ndarray:
     """Indices of the round(ratio * N) lowest scores; ties broken by id (reproducible)."""
     n = int(round(ratio * len(score)))
@@ -241,7 +252,7 @@ def choose(history: np.ndarray, store: Store, p: Selection, fused: np.ndarray | 
     labels, pool, groups = store.labels, np.arange(len(store)), []
     isolated, cap = np.empty(0, dtype=np.int64), int(round(p.max_ratio * len(store)))
     fallback = None
-    while len(np.unique(labels[pool])) > 1:  # rules 1 and 2 of `adaptive_selection`, one label a round
+    while len(np.unique(labels[pool])) > 1 and len(isolated) < cap:  # rules 1 and 2, one label a round
         chosen, report = adaptive_selection(suspicion[pool], labels[pool], store.ids[pool], p, rank_by[pool],
                                             history[pool, -1])
         if report["evidence"] != "group":
@@ -250,8 +261,9 @@ def choose(history: np.ndarray, store: Store, p: Selection, fused: np.ndarray | 
         groups.append(report)
         isolated = np.union1d(isolated, _refined(pool[chosen], feats, labels, p, report))
         pool = pool[labels[pool] != report["implicated_label"]]
-    if not groups:  # no group: the fallback's share, as the rule reports it
-        return fallback[0], rank_by, fallback[1]
+    if not groups:  # no group: the fallback's share, as the rule reports it (one label: nothing to compare)
+        chosen, report = fallback or (np.empty(0, dtype=np.int64), {"rule": "one label", "evidence": "none"})
+        return chosen, rank_by, report
     if len(isolated) > cap:
         isolated = np.sort(isolated[np.lexsort((store.ids[isolated], rank_by[isolated]))[:cap]])
     report = {**groups[0], "evidence": "group", "implicated_labels": [g["implicated_label"] for g in groups],

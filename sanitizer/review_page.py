@@ -212,7 +212,7 @@ def detector_line(row) -> str:
 def card(row, spark: str, canary: bool = False) -> str:
     note = f"<div>note: {_e(row.note)}</div>" if row.note else ""
     if canary:
-        note += "<div class='canary'>a canary: the pipeline's own planted backdoor (confirm it)</div>"
+        note += "<div class='canary'>a canary: a backdoor the pipeline planted to test itself (canary.rate)</div>"
     return (f"<article class='card' tabindex='-1' data-id='{_e(row.id)}' data-label='{int(row.label)}' "
             f"data-decision='{_e(row.decision)}' data-state='{_e(row.decision)}' data-note='{_e(row.note)}'>"
             f"<img src='{_e(row.image)}' alt='suspect {_e(row.id)}' loading='lazy' width='128' height='128'>"
@@ -257,7 +257,8 @@ def scan_section(gate: Optional[dict], manifest: pd.DataFrame, class_names: list
     if not scan:
         return "<p class='muted'>The gate scans the released model (gate.max_scan_anomaly); not run.</p>"
     rows = "".join(f"<tr><td>{_e(c['class_name'])}</td><td>{c['mask_area']:.4f}</td><td>{c['anomaly_index']:.2f}</td>"
-                   f"<td>{c['success']:.2f}</td><td>{'FLAGGED' if c['flagged'] else ''}</td></tr>"
+                   f"<td>{'-' if c['success'] is None else format(c['success'], '.2f')}</td>"
+                   f"<td>{'FLAGGED' if c['flagged'] else ''}</td></tr>"
                    for c in scan["classes"])
     flagged = []
     for c in scan["classes"]:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sanitizer.errors import SanitizeError
 from sanitizer.train import to_tensor
 
 MAD_CONSISTENCY = 1.4826  # MAD * this estimates a normal standard deviation (NC's anomaly index)
@@ -55,7 +56,8 @@ def reverse_triggers(model: torch.nn.Module, images: np.ndarray, labels: np.ndar
     """For each class, the smallest-area (mask, pattern) that reached `settings.success` on batches of clean images of
     the other classes; a class whose search never succeeded keeps its last (mask, pattern) and is marked so."""
     model.eval()
-    for p in model.parameters():
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:  # gradients flow to the trigger only; restored below
         p.requires_grad_(False)
     x_all = to_tensor(images, device)
     y_all = torch.as_tensor(labels, device=device)
@@ -96,6 +98,8 @@ def reverse_triggers(model: torch.nn.Module, images: np.ndarray, labels: np.ndar
                 weight = torch.where(up, weight * settings.cost_step,
                                      torch.where(window_hits == 0, weight / settings.cost_step ** 1.5, weight))
                 window_hits.zero_()
+    for p in trainable:
+        p.requires_grad_(True)
     with torch.no_grad():
         never = torch.isinf(best_area)
         last_mask, last_pattern = _squash(mask_logits), _squash(pattern_logits)
@@ -110,6 +114,10 @@ def _other_class_batch(labels: torch.Tensor, t: int, size: int, gen: torch.Gener
     return others[torch.randint(len(others), (size,), generator=gen)]
 
 
+MIN_CLASSES = 3  # the anomaly index compares a class with the others' median: with fewer there is nothing to compare
+MIN_LOG_MAD = 0.05  # floor of the robust spread of log-areas (5%): identical areas must not make a tiny gap infinite
+
+
 def anomaly_index(area: np.ndarray) -> np.ndarray:
     """NC's anomaly index on the log of the mask areas, one-sided: how many robust standard deviations a class's
     log-area lies below the median (negative above it). Sizes spread multiplicatively, and a search stopped within a
@@ -118,7 +126,7 @@ def anomaly_index(area: np.ndarray) -> np.ndarray:
     log_area = np.log(np.maximum(area, 1e-8))
     median = np.median(log_area)
     mad = MAD_CONSISTENCY * np.median(np.abs(log_area - median))
-    return (median - log_area) / max(mad, 1e-12)
+    return (median - log_area) / max(mad, MIN_LOG_MAD)
 
 
 def trigger_images(images: np.ndarray, mask: np.ndarray, pattern: np.ndarray) -> np.ndarray:
@@ -140,17 +148,24 @@ def scan_model(model: torch.nn.Module, optimise_on, measure_on, predict, thresho
     classes. A class is flagged when its anomaly index exceeds `threshold`. Returns the report (per class: mask area,
     anomaly index, success, flagged) and the triggers."""
     n_classes = len(optimise_on.class_names)
+    present = np.unique(optimise_on.labels)
+    if n_classes < MIN_CLASSES or len(present) < 2:
+        raise SanitizeError(f"the residual-backdoor scan needs at least {MIN_CLASSES} classes and held-out images of "
+                            f"two (the calibration split has {len(present)} of {n_classes}); set gate.max_scan_anomaly: "
+                            "null or data.calibration_size higher")
     triggers = reverse_triggers(model, optimise_on.x, optimise_on.labels, n_classes, settings, device, seed)
     index = anomaly_index(triggers.area)
     classes = []
     for t in range(n_classes):
         others = measure_on.labels != t
         stamped = trigger_images(measure_on.x[others], triggers.mask[t], triggers.pattern[t])
-        success = float(np.mean(predict(stamped) == t)) if others.any() else float("nan")
+        success = round(float(np.mean(predict(stamped) == t)), 4) if others.any() else None
+        # A search that never reached the success bar found no trigger: its mask's size says nothing.
+        flagged = bool(triggers.succeeded[t] and index[t] > threshold)
         classes.append({"class": t, "class_name": optimise_on.class_names[t],
                         "mask_area": round(float(triggers.area[t]), 5),
-                        "anomaly_index": round(float(index[t]), 3), "success": round(success, 4),
-                        "converged": bool(triggers.succeeded[t]), "flagged": bool(index[t] > threshold)})
+                        "anomaly_index": round(float(index[t]), 3), "success": success,
+                        "converged": bool(triggers.succeeded[t]), "flagged": flagged})
     flagged = [c["class"] for c in classes if c["flagged"]]
     return {"method": "neural_cleanse", "threshold": threshold, "steps": settings.steps,
             "batch": settings.batch, "n_optimise": len(optimise_on), "n_measure": len(measure_on),

@@ -20,7 +20,7 @@ import torch
 
 from sanitizer.config import Params
 from sanitizer.data import Store
-from sanitizer.isolation import implicated_class
+from sanitizer.isolation import implicated_class, implicated_classes
 from sanitizer.models import reinitialise
 from sanitizer.train import (Progress, TrainSettings, accuracy, joint_unlearn_epoch, make_optimizer, seed_everything,
                              to_tensor, train_epoch)
@@ -84,16 +84,18 @@ def unlearn(model, u: Unlearning, tp: TrainSettings, xq, yq, x, y, x_val, y_val,
     """Unlearn the suspects (xq, yq) with a clean-accuracy check and rollback, and an early stop once at most
     `u.stop_at` of them are still classified as their label.
 
-    The check leaves out held-out samples of the implicated class: unlearning is meant to change how the model treats
-    that label, so a drop there is the defense working. With `watch_class` (after a fallback, whose suspects may be
+    The check leaves out held-out samples of the implicated classes (`implicated_classes`: several backdoors may be
+    unlearned at once): unlearning is meant to change how the model treats those labels, so a drop there is the
+    defense working. With `watch_class` (after a fallback, whose suspects may be
     easy clean samples of that class) the class is watched too, for collapse only (`u.implicated_keep`).
     """
-    target = implicated_class(yq.cpu().numpy())
-    guard = y_val != target
+    targets = implicated_classes(yq.cpu().numpy())
+    target = targets[0]
+    guard = ~torch.isin(y_val, torch.as_tensor(targets, device=y_val.device))
     baseline = accuracy(model, x_val[guard], y_val[guard])
     watch_implicated = watch_class and u.implicated_keep > 0 and bool((~guard).any())
     implicated_before = accuracy(model, x_val[~guard], y_val[~guard]) if watch_implicated else None
-    anchors = torch.nonzero(y == target).flatten() if u.anchor else None
+    anchors = torch.nonzero(torch.isin(y, torch.as_tensor(targets, device=y.device))).flatten() if u.anchor else None
     opt = torch.optim.SGD(model.parameters(), lr=u.lr, momentum=tp.momentum)
     progress = Progress(f"unlearn:{u.mode}", u.epochs, len(y) if u.mode == "joint" else len(yq))
     epochs_run, rolled_back, retries_left = 0, False, u.retries
@@ -115,7 +117,7 @@ def unlearn(model, u: Unlearning, tp: TrainSettings, xq, yq, x, y, x_val, y_val,
             model.load_state_dict(previous)
             opt.load_state_dict(previous_opt)
             lr = opt.param_groups[0]["lr"]
-            fell = (f"[unlearn] class {target}'s held-out accuracy fell from {implicated_before:.3f} to {implicated:.3f}"
+            fell = (f"[unlearn] class(es) {targets}' held-out accuracy fell from {implicated_before:.3f} to {implicated:.3f}"
                     if collapsed else f"[unlearn] guard accuracy fell {baseline - acc:.3f} below {baseline:.3f}")
             fell += f" at lr {lr:g}: rolled back epoch {epochs_run + 1}"
             if not retries_left:
@@ -137,7 +139,7 @@ def unlearn(model, u: Unlearning, tp: TrainSettings, xq, yq, x, y, x_val, y_val,
         if obeyed <= u.stop_at:
             break
     return {"unlearn_epochs_run": epochs_run, "rolled_back": rolled_back, "retries_used": u.retries - retries_left,
-            "final_lr": opt.param_groups[0]["lr"], "implicated_class": target,
+            "final_lr": opt.param_groups[0]["lr"], "implicated_class": target, "implicated_classes": targets,
             "suspects_obeyed": round(accuracy(model, xq, yq), 4),
             "guard_accuracy_before": round(baseline, 4),
             "guard_accuracy_after": round(accuracy(model, x_val[guard], y_val[guard]), 4),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 
 import pandas as pd
-import torch
 
 from sanitizer import paths
 from sanitizer.config import Params
@@ -27,6 +26,7 @@ from sanitizer.onnx_io import onnx_predictor
 from sanitizer.quarantine import write_png
 from sanitizer.review_page import write_review_page
 from sanitizer.scan import scan_model, trigger_picture
+from sanitizer.train import pick_device
 from sanitizer.triggers import TRIGGERS  # metrics may know the attack; the defense never does
 
 
@@ -35,19 +35,21 @@ def check(name: str, value: float, threshold: float, rule: str) -> dict:
     return {"name": name, "value": round(value, 4), "threshold": threshold, "rule": rule, "passed": bool(passed)}
 
 
-def scan_release(params: Params, test, predict) -> dict:
+def scan_release(params: Params, test, predict) -> dict | None:
     """Scan models/model.pt, checked first to be the exported model, on the calibration images; each reversed trigger's
-    success is measured on the ONNX model. Writes the triggers' pictures to data/quarantine/scan."""
-    cpu = torch.device("cpu")
-    model, _ = load_checkpoint(paths.MODEL, cpu)
-    model.eval()
-    diff = parity(model, paths.ONNX_MODEL, test.x)
-    if not diff <= params.advanced.export.atol:
-        raise SanitizeError(f"{paths.ONNX_MODEL}: is not the export of {paths.MODEL} (logits differ by {diff:.2e}); "
-                            "re-run `dvc repro export`")
-    report, triggers = scan_model(model, load_store(paths.CALIBRATION_STORE), test, predict,
-                                  params.gate.max_scan_anomaly, cpu, params.seed)
+    success is measured on the ONNX model. Writes the triggers' pictures to data/quarantine/scan (empty: no scan)."""
     with atomic_dir(paths.SCAN_IMAGES) as out:
+        if params.gate.max_scan_anomaly is None:
+            return None
+        device = pick_device(params.device)
+        model, _ = load_checkpoint(paths.MODEL, device)
+        model.eval()
+        diff = parity(model.cpu(), paths.ONNX_MODEL, test.x)
+        if not diff <= params.advanced.export.atol:
+            raise SanitizeError(f"{paths.ONNX_MODEL}: is not the export of {paths.MODEL} (logits differ by {diff:.2e}); "
+                                "re-run `dvc repro export`")
+        report, triggers = scan_model(model.to(device), load_store(paths.CALIBRATION_STORE), test, predict,
+                                      params.gate.max_scan_anomaly, device, params.seed)
         for c in report["classes"]:
             c["image"] = f"{paths.SCAN_IMAGES.name}/class-{c['class']:04d}.png"
             write_png(out / f"class-{c['class']:04d}.png", trigger_picture(triggers.mask[c["class"]],
@@ -68,10 +70,10 @@ def run(params: Params) -> None:
         checks.append(check(f"asr:{rt.attack}", asr[rt.attack], gp.max_asr, "<="))
     manifest = pd.read_csv(paths.QUARANTINE_CSV, dtype={"id": str}, keep_default_na=False)
     canaries = canary_results(params, predict, test, set(manifest.loc[manifest["quarantined"] == 1, "id"]))
-    for c in canaries:
+    for c in canaries:  # ingest refuses a canary without samples, so each has a recall
         checks += [check(f"asr:{c['canary']}", c["asr"], gp.max_asr, "<="),
                    check(f"recall:{c['canary']}", c["recall"], gp.min_canary_recall, ">=")]
-    scan = scan_release(params, test, predict) if gp.max_scan_anomaly is not None else None
+    scan = scan_release(params, test, predict)
     if scan:
         checks.append(check("scan:flagged_classes", len(scan["flagged"]), 0, "<="))
     guard = guard_rates(params, test, checks)

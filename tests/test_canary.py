@@ -64,3 +64,10 @@ def test_a_user_id_that_takes_a_canarys_name_is_refused():
     canaries = draw_canaries(CanaryParams(rate=0.1), 0, train.image_shape, 5)
     with pytest.raises(SanitizeError, match="canary-1-00000.*canary.rate: 0"):
         plant_canaries(train, canaries, 0.1, 0)
+
+
+def test_a_rate_too_small_for_one_sample_is_refused():
+    train = user_store(20)
+    canaries = draw_canaries(CanaryParams(rate=0.01), 0, train.image_shape, 5)
+    with pytest.raises(SanitizeError, match="canary.rate=0.01 of 20 training samples makes no canary sample"):
+        plant_canaries(train, canaries, 0.01, 0)

@@ -78,6 +78,19 @@ def test_library_never_imports_a_stage():
         assert not any(d.parent.name == "stages" for d in direct_imports(f)), f"{f.name} imports from stages/"
 
 
+DEFENSE = ["isolation", "recheck", "unlearning", "pipeline", "quarantine", "guard", "detectors", "train", "rules",
+           "models", "data"]
+TRUTH = ["canary", "triggers", "metrics"]  # what plants the attacks and canaries, and the only reader of their truth
+
+
+def test_the_defense_never_imports_what_knows_the_attack_or_the_canaries():
+    truth = {ROOT / "sanitizer" / f"{name}.py" for name in TRUTH}
+    for name in DEFENSE:
+        f = ROOT / "sanitizer" / f"{name}.py"
+        assert not direct_imports(f) & truth, f"sanitizer/{name}.py imports one of {TRUTH}"
+        assert "canary" not in f.read_text(encoding="utf-8").lower(), f"sanitizer/{name}.py mentions canaries"
+
+
 if __name__ == "__main__":  # prints each stage's module deps, to paste into dvc.yaml
     for name in dvc_stages():
         print(name, stage_modules(name))

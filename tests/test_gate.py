@@ -40,3 +40,14 @@ def test_failed_gate_writes_report_then_blocks(pipeline, tmp_path, monkeypatch):
     report = json.loads((tmp_path / "metrics/gate.json").read_text())
     assert report["passed"] is False
     assert [c["name"] for c in report["checks"] if not c["passed"]] == ["clean_accuracy"]
+
+
+def test_without_the_scan_its_output_folder_is_empty(pipeline, tmp_path, monkeypatch):
+    for sub in ("data", "models", "metrics", "plots"):
+        shutil.copytree(pipeline / sub, tmp_path / sub)
+    monkeypatch.chdir(tmp_path)
+    params = load_params(pipeline / "params.yaml")
+    gate.run(params.model_copy(update={"gate": params.gate.model_copy(update={"max_scan_anomaly": None})}))
+    report = json.loads((tmp_path / "metrics/gate.json").read_text())
+    assert report["scan"] is None and "scan:flagged_classes" not in [c["name"] for c in report["checks"]]
+    assert (tmp_path / "data/quarantine/scan").is_dir() and not any((tmp_path / "data/quarantine/scan").iterdir())

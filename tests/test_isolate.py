@@ -176,3 +176,25 @@ def test_an_epoch_has_no_remainder_batch_and_visits_every_sample_once():
         assert len(parts) == -(-n // size) and max(sizes) - min(sizes) <= 1  # 4,997 at 128: no batch of 5
         assert sorted(torch.cat(parts).tolist()) == list(range(n))
     assert batches(0, 64, gen, "cpu") == ()
+
+
+def test_several_backdoors_with_different_targets_are_each_isolated():
+    """Two low-loss groups in two labels: the rule isolates one, then looks again without its label and finds the
+    other; nothing else is taken. One label alone has nothing to compare with."""
+    from sanitizer.isolation import Selection, choose, implicated_classes
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(1000) % 10
+    history = np.exp(rng.normal(0, 0.5, size=(1000, 5))).astype(np.float32)
+    first, second = np.flatnonzero(labels == 2)[:60], np.flatnonzero(labels == 7)[:40]
+    history[first] = 1e-4 * np.exp(rng.normal(0, 0.3, size=(60, 5)))
+    history[second] = 1e-3 * np.exp(rng.normal(0, 0.3, size=(40, 5)))
+    store = make_store(np.zeros((1000, 4, 4, 1), np.uint8), labels, [f"s{i:04d}" for i in range(1000)],
+                       [str(c) for c in range(10)])
+    selection = Selection(0.01, 0.25, refine_k=0, fusion=())
+    isolated, _, report = choose(history, store, selection)
+    assert report["evidence"] == "group" and report["implicated_labels"] == [2, 7]
+    assert set(isolated) == set(first) | set(second)
+    assert implicated_classes(labels[isolated]) == [2, 7]
+    alone = store.subset(np.flatnonzero(labels == 2))
+    assert choose(history[labels == 2], alone, selection)[2]["evidence"] == "none"

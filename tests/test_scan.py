@@ -69,3 +69,14 @@ def test_anomaly_index_is_one_sided_and_scale_free():
     area = np.array([0.001, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.5])
     index = anomaly_index(area)
     assert index[0] > 2 and index[-1] < 0 and np.allclose(index, anomaly_index(area * 7))
+
+
+def test_scan_refuses_two_classes_with_a_fix():
+    import pytest
+
+    from sanitizer.errors import SanitizeError
+
+    store = digits()
+    two = make_store(store.x[:100], store.labels[:100] % 2, [str(i) for i in range(100)], ["even", "odd"])
+    with pytest.raises(SanitizeError, match="at least 3 classes.*gate.max_scan_anomaly: null"):
+        scan_model(fitted(False, store), two, two, lambda x: np.zeros(len(x)), 2.0, torch.device("cpu"), 0)
