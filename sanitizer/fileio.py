@@ -24,6 +24,14 @@ def _remove_leftovers(path: Path) -> None:
             shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink(missing_ok=True)
 
 
+def _umask_mode(full: int) -> int:
+    """`full` (0o666 a file, 0o777 a folder) less the process umask: the mode a plain open() or mkdir() would give,
+    which mkstemp's and mkdtemp's private 0600 / 0700 must not replace (outputs are CI artifacts and shared folders)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return full & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync it and rename it over `path`."""
@@ -37,6 +45,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, _umask_mode(0o666))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -51,6 +60,7 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, _umask_mode(0o777))
         old = None
         if path.exists():
             # Two renames are not one atomic step, but at every instant either the old or the new

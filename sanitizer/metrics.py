@@ -41,9 +41,10 @@ def canary_ids() -> set[str]:
     return set(canary_truth()["id"])
 
 
-def canary_results(params, predict, test, quarantined: set[str]) -> list[dict]:
-    """Per canary: its ASR on `predict` (the released model) over the test images of other classes, and the share of
-    its samples in `quarantined` (recall)."""
+def canary_results(params, predict, test, quarantined: set[str], flag=None) -> list[dict]:
+    """Per canary: its ASR on `predict` (the released model) over the test images of other classes, the share of its
+    samples in `quarantined` (recall) and, given `flag` (images -> bool: the guard), the share of those triggered
+    images the guard flags."""
     from sanitizer.canary import canary_seed, draw_canaries
 
     truth = canary_truth()
@@ -51,9 +52,12 @@ def canary_results(params, predict, test, quarantined: set[str]) -> list[dict]:
     for c in draw_canaries(params.canary, canary_seed(params), test.image_shape, len(test.class_names)):
         ids = set(truth.loc[truth["canary"] == c.name, "id"])
         caught = len(ids & quarantined)
-        out.append({"canary": c.name, "family": c.family, "target": c.target, "n": len(ids), "quarantined": caught,
-                    "recall": round(caught / len(ids), 4) if ids else None,
-                    "asr": round(attack_success_rate(predict, test.x, test.labels, c.apply, c.target), 4)})
+        row = {"canary": c.name, "family": c.family, "target": c.target, "n": len(ids), "quarantined": caught,
+               "recall": round(caught / len(ids), 4) if ids else None,
+               "asr": round(attack_success_rate(predict, test.x, test.labels, c.apply, c.target), 4)}
+        if flag is not None:
+            row["guard_tpr"] = round(float(np.mean(flag(c.apply(test.x[test.labels != c.target])))), 4)
+        out.append(row)
     return out
 
 

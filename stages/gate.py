@@ -2,7 +2,8 @@
 
 Clean accuracy on the test split; the attack success rate (ASR) of every red-team trigger (the share of triggered
 test images whose true label is not the target that the model calls the target); each canary's ASR and the share of
-its samples the quarantine holds (the self-test, sanitizer/canary.py); and the residual-backdoor scan of the released
+its samples the quarantine holds (the self-test, sanitizer/canary.py; the guard's flag rate on its triggered images is
+reported); and the residual-backdoor scan of the released
 model (sanitizer/scan.py), which needs no trigger. metrics/gate.json is written first, then the stage exits 1 naming
 each failed check.
 """
@@ -19,7 +20,7 @@ from sanitizer.data import load_store
 from sanitizer.errors import GateFailed, SanitizeError
 from sanitizer.export import parity
 from sanitizer.fileio import atomic_dir, write_json
-from sanitizer.guard import guard_rates
+from sanitizer.guard import guard_rates, onnx_guard
 from sanitizer.metrics import attack_success_rate, canary_results, clean_accuracy
 from sanitizer.models import load_checkpoint
 from sanitizer.onnx_io import onnx_predictor
@@ -69,7 +70,9 @@ def run(params: Params) -> None:
                                              rt.target)
         checks.append(check(f"asr:{rt.attack}", asr[rt.attack], gp.max_asr, "<="))
     manifest = pd.read_csv(paths.QUARANTINE_CSV, dtype={"id": str}, keep_default_na=False)
-    canaries = canary_results(params, predict, test, set(manifest.loc[manifest["quarantined"] == 1, "id"]))
+    guard_score, _ = onnx_guard(paths.GUARD_ONNX)
+    canaries = canary_results(params, predict, test, set(manifest.loc[manifest["quarantined"] == 1, "id"]),
+                              lambda x: guard_score(x)[1])
     for c in canaries:  # ingest refuses a canary without samples, so each has a recall
         checks += [check(f"asr:{c['canary']}", c["asr"], gp.max_asr, "<="),
                    check(f"recall:{c['canary']}", c["recall"], gp.min_canary_recall, ">=")]

@@ -85,3 +85,22 @@ def test_same_data_and_seed_give_same_isolated_ids_and_clean_set(tmp_path, monke
     first, second = runs
     assert first == second
     assert first[0].count("\n") == 1 + 14  # header + 1% of 1,437
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002, 0o027])
+def test_outputs_get_the_mode_the_umask_gives(tmp_path, umask):
+    """Crash-safe writes go through private temporaries; what lands has the mode a plain write would have."""
+    import os
+
+    from sanitizer.fileio import atomic_dir, write_json
+
+    old = os.umask(umask)
+    try:
+        write_json(tmp_path / "out.json", {"a": 1})
+        with atomic_dir(tmp_path / "folder") as out:
+            (out / "inside.txt").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "folder/inside.txt").stat().st_mode & 0o777 == 0o666 & ~umask

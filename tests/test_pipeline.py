@@ -79,6 +79,7 @@ def test_canaries_implant_without_defense_block_the_gate_and_never_reach_the_cle
     assert [c["family"] for c in gate["canaries"]] == ["patch", "blend"]
     assert all(c["n"] == 72 and c["recall"] == 0.0 for c in gate["canaries"])
     assert max(c["asr"] for c in gate["canaries"]) >= 0.9
+    assert all(0 <= c["guard_tpr"] <= 1 for c in gate["canaries"])
     counts = read_json(copy / "metrics/quarantine.json")
     assert counts["n_canaries"] == 144 and counts["n_ingested"] == counts["n_clean"] + counts["n_quarantined"]
     truth = (copy / "data/ingested/canary_truth.csv").read_text().splitlines()
