@@ -4,8 +4,9 @@ Identifying and Mitigating Backdoor Attacks in Neural Networks", IEEE S&P 2019).
 It needs no trigger and no poisoned data: for every class t it searches, on held-out clean images only, the smallest
 mask m and pattern p such that (1 - m) * x + m * p sends clean images of the other classes to t. A class that a
 backdoor targets has a shortcut, so its reversed mask is far smaller than the others'; the median-absolute-deviation
-anomaly index of the mask areas (NC's sec. IV-A; here of their logarithms) flags it. All classes are optimised together in one batched pass,
-each with its own penalty weight, adjusted as in NC: up while the reversed trigger succeeds, down while it fails.
+anomaly index of the mask areas (NC's sec. IV-A; here of their logarithms) flags it. All classes are optimised
+together in one batched pass, each with its own penalty weight, adjusted as in NC: up while the reversed trigger
+succeeds, down while it fails.
 The figures and the choice of the threshold are in docs/method.md (Residual-backdoor scan).
 """
 

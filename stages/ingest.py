@@ -1,6 +1,7 @@
 """ingest: read the source, validate every sample with Great Expectations, hash it, and write the canonical tensor
 store (data/ingested). With a red team, poison a share of the training set first; then add the canaries; each truth
-goes to its own file, which only metrics read. The data rules (sanitizer/rules.py) are decided here, printed and recorded.
+goes to its own file, which only metrics read. The data rules (sanitizer/rules.py) are decided here, printed and
+recorded.
 """
 
 from __future__ import annotations
@@ -39,9 +40,8 @@ def run(params: Params) -> None:
         "redteam_poisoned": roles["backdoor"], "redteam_noise_mode": roles["noise"], "canaries": len(data.canary_rows),
     })
     print(f"[ingest] {len(train)} train / {len(test)} test / {len(calibration)} calibration samples, "
-          f"{len(class_names)} classes, {len(data.truth_rows)} modified by the red team ({params.redteam.attack}), {len(data.canary_rows)} "
-          "canaries added",
-          file=sys.stderr)
+          f"{len(class_names)} classes, {len(data.truth_rows)} modified by the red team ({params.redteam.attack}), "
+          f"{len(data.canary_rows)} canaries added", file=sys.stderr)
     print(f"[ingest] data rules: isolation {rules.isolation}, {'with' if rules.augment_isolation else 'without'} "
           f"augmentation (nearest-class-mean accuracy {evidence['nearest_mean_accuracy']:.2f}); flips "
           f"{'on' if rules.flip else 'off'} (mirrored images keep {evidence['mirrored_accuracy_kept']:.0%} of it); "
