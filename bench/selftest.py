@@ -24,14 +24,15 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from bench.defense import (ROOT, case_params, evaluate, machine, merge, reference_throughput, train_undefended)
-from sanitizer.canary import canary_seed, draw_canaries
+from sanitizer.canary import TRUTH_COLUMNS
 from sanitizer.config import Params
 from sanitizer.data import make_store
 from sanitizer.ingestion import ingest
-from sanitizer.metrics import attack_success_rate
+from sanitizer.metrics import canary_results
 from sanitizer.models import model_spec
 from sanitizer.pipeline import defend
 from sanitizer.scan import scan_model
@@ -82,16 +83,11 @@ def run_unit(task: tuple) -> dict:
     row = {"dataset": dataset, "attack": attack, "poison_rate": rate if attack else 0.0, "seed": seed, "kind": kind,
            "target": params.redteam.target if attack else None, "clean_accuracy": round(ca, 4),
            "asr": round(asr, 4) if attack else None, "seconds": round(seconds, 1)}
-    canaries = []
-    for c in draw_canaries(params.canary, canary_seed(params), train.image_shape, len(train.class_names)):
-        ids = {r[0] for r in data.canary_rows if r[2] == c.name}
-        canaries.append({"canary": c.name, "family": c.family, "target": c.target,
-                         "asr": round(attack_success_rate(predict, x_test, y_test, c.apply, c.target), 4),
-                         "recall": round(len(ids & quarantined) / len(ids), 4)})
-    row["canaries"] = canaries
+    test = make_store(x_test, y_test, [str(i) for i in range(len(y_test))], train.class_names)
+    row["canaries"] = canary_results(params, predict, test, quarantined,
+                                     truth=pd.DataFrame(data.canary_rows, columns=TRUTH_COLUMNS))
     t1 = time.perf_counter()
-    optimise_on, measure_on = data.calibration, make_store(x_test, y_test, [str(i) for i in range(len(y_test))],
-                                                            train.class_names)
+    optimise_on, measure_on = data.calibration, test
     report, _ = scan_model(model, optimise_on, measure_on, predict, params.gate.max_scan_anomaly, device, params.seed)
     row["scan"] = {"flagged": report["flagged"], "seconds": round(time.perf_counter() - t1, 1),
                    "anomaly_index": [c["anomaly_index"] for c in report["classes"]],

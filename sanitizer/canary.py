@@ -20,6 +20,7 @@ from sanitizer.errors import SanitizeError
 FAMILIES = ("patch", "blend")  # a local and a global trigger; a warp does not implant at a canary's rate
 BLEND_ALPHA = 0.2  # the blended pattern's weight (Chen et al. 2017's default)
 ID_PREFIX = "canary-"
+TRUTH_COLUMNS = ["id", "source_id", "canary", "family", "target"]  # of `plant_canaries`' rows and canary_truth.csv
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def draw_canaries(p: CanaryParams, seed: int, image_shape: tuple[int, int, int],
 def plant_canaries(train: Store, canaries: list[Canary], rate: float, seed: int) -> tuple[Store, list[tuple]]:
     """The training set with round(rate * N) triggered, relabelled copies per canary (sources drawn from the other
     classes) inserted at random places; the user's samples keep their order. Returns it and the truth rows
-    (id, source id, canary, family, target)."""
+    (TRUTH_COLUMNS)."""
     rng = np.random.default_rng([seed, 0xCA7A3])
     n = int(round(rate * len(train)))
     if canaries and n == 0:

@@ -86,6 +86,13 @@ def save_arrays(path: Path | str, store: Store) -> None:
             np.savez(fh, x_train=store.x, y_train=store.labels, ids_train=store.ids)
 
 
+def write_png(path: Path | str, image: np.ndarray) -> None:
+    """One uint8 H x W x C image as a PNG (gray when C is 1): quarantined samples, reversed triggers."""
+    from PIL import Image
+
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path, format="PNG")
+
+
 def load_store(path: Path | str) -> Store:
     """Load a store written by `save_store`, re-checking every sample's hash."""
     path = Path(path)

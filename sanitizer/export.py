@@ -15,10 +15,8 @@ import torch
 
 from sanitizer.errors import SanitizeError
 from sanitizer.fileio import atomic_path
+from sanitizer.onnx_io import parity
 from sanitizer.train import to_tensor
-
-PARITY_BATCHES = (1, 7, 64)
-
 
 def export_onnx(model: torch.nn.Module, image_shape: tuple[int, int, int], path: Path, opset: int) -> None:
     h, w, c = image_shape
@@ -28,22 +26,6 @@ def export_onnx(model: torch.nn.Module, image_shape: tuple[int, int, int], path:
         torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=["logits"],
                           dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=65536)}},
                           opset_version=opset, external_data=False, verbose=False)
-
-
-def parity(model: torch.nn.Module, onnx_path: Path, images: np.ndarray) -> float:
-    """Largest |onnxruntime - torch| logit over several batch sizes of real samples."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    x = to_tensor(images, torch.device("cpu"))
-    worst = 0.0
-    for bs in PARITY_BATCHES:
-        xb = x[:bs]
-        with torch.no_grad():
-            ref = model(xb).numpy()
-        out = sess.run(["logits"], {"input": xb.numpy()})[0]
-        worst = max(worst, float(np.abs(out - ref).max()))
-    return worst
 
 
 def write_model_onnx(model: torch.nn.Module, image_shape, path: Path, opset: int, atol: float, meta: dict,
@@ -58,7 +40,7 @@ def write_model_onnx(model: torch.nn.Module, image_shape, path: Path, opset: int
         onnx.checker.check_model(proto, full_check=True)
         onnx.helper.set_model_props(proto, meta)
         onnx.save(proto, str(tmp))
-        max_diff = parity(model, tmp, samples[:max(PARITY_BATCHES)])
+        max_diff = parity(model, tmp, samples)
         if not max_diff <= atol:  # also catches NaN
             raise SanitizeError(f"{path}: onnxruntime differs from torch by {max_diff:.2e} > advanced.export.atol={atol}; "
                                 "the export is refused")

@@ -374,13 +374,13 @@ def onnx_guard(path: Path, batch_size: int = 512):
     return run, meta
 
 
-def guard_rates(params, test, checks: list) -> dict:
-    """The shipped guard (models/guard.onnx) on the test split: false-positive rate on the clean images and,
-    with a red team, true-positive rate on the triggered non-target ones that ingest wrote; checked by
-    gate.min_guard_tpr."""
+def guard_rates(params, test, checks: list, guard) -> dict:
+    """The shipped guard (`guard`: `onnx_guard`'s (score, metadata) of models/guard.onnx) on the test split:
+    false-positive rate on the clean images and, with a red team, true-positive rate on the triggered non-target ones
+    that ingest wrote; checked by gate.min_guard_tpr."""
     from sanitizer.data import load_store
 
-    score, meta = onnx_guard(paths.GUARD_ONNX)
+    score, meta = guard
     out = {"threshold": float(meta.get("threshold", "nan")), "fpr": round(float(np.mean(score(test.x)[1])), 4)}
     minimum = params.gate.min_guard_tpr
     if params.redteam.attack:

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from sanitizer import paths
+from sanitizer.canary import TRUTH_COLUMNS, canary_seed, draw_canaries
 
 
 def clean_accuracy(predict, images: np.ndarray, labels: np.ndarray) -> float:
@@ -32,7 +33,7 @@ def poisoned_ids() -> set[str] | None:
 def canary_truth() -> pd.DataFrame:
     """id, source_id, canary, family, target of every canary ingest planted (empty without canaries)."""
     if not paths.CANARY_TRUTH.exists():
-        return pd.DataFrame(columns=["id", "source_id", "canary", "family", "target"])
+        return pd.DataFrame(columns=TRUTH_COLUMNS)
     return pd.read_csv(paths.CANARY_TRUTH, dtype={"id": str, "source_id": str}, keep_default_na=False)
 
 
@@ -41,13 +42,13 @@ def canary_ids() -> set[str]:
     return set(canary_truth()["id"])
 
 
-def canary_results(params, predict, test, quarantined: set[str], flag=None) -> list[dict]:
+def canary_results(params, predict, test, quarantined: set[str], flag=None,
+                   truth: pd.DataFrame | None = None) -> list[dict]:
     """Per canary: its ASR on `predict` (the released model) over the test images of other classes, the share of its
     samples in `quarantined` (recall) and, given `flag` (images -> bool: the guard), the share of those triggered
-    images the guard flags."""
-    from sanitizer.canary import canary_seed, draw_canaries
+    images the guard flags. `truth`: the canaries (canary.TRUTH_COLUMNS); default the file ingest wrote."""
 
-    truth = canary_truth()
+    truth = canary_truth() if truth is None else truth
     out = []
     for c in draw_canaries(params.canary, canary_seed(params), test.image_shape, len(test.class_names)):
         ids = set(truth.loc[truth["canary"] == c.name, "id"])

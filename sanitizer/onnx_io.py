@@ -1,4 +1,5 @@
-"""Running the exported ONNX files (the model and its guard) with onnxruntime alone, as users will."""
+"""Running the exported ONNX files (the model and its guard) with onnxruntime alone, as users will; and checking the
+model's file against the torch model it was exported from."""
 
 from __future__ import annotations
 
@@ -24,6 +25,25 @@ def input_batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
     """uint8 N x H x W x C -> the graphs' input, float32 [n, C, H, W] in [0, 1], a batch at a time."""
     for i in range(0, len(images), batch_size):
         yield images[i:i + batch_size].transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+
+
+PARITY_BATCHES = (1, 7, 64)
+
+
+def parity(model, onnx_path: Path, images: np.ndarray) -> float:
+    """Largest |onnxruntime - torch| logit over several batch sizes of real samples (the first max(PARITY_BATCHES) of
+    `images`); `model` on the CPU."""
+    import torch
+
+    sess = open_session(onnx_path, "model")
+    x = images[:max(PARITY_BATCHES)].transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    worst = 0.0
+    for bs in PARITY_BATCHES:
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x[:bs])).numpy()
+        out = sess.run(["logits"], {"input": x[:bs]})[0]
+        worst = max(worst, float(np.abs(out - ref).max()))
+    return worst
 
 
 def onnx_predictor(path: Path, batch_size: int = 512) -> Callable[[np.ndarray], np.ndarray]:

@@ -66,12 +66,6 @@ def check_partition(ingested: Store, clean: Store, quarantined: Store) -> None:
             raise RuntimeError("quarantine invariant: a sample's hash changed between ingest and quarantine")
 
 
-def write_png(path: Path, image: np.ndarray) -> None:
-    from PIL import Image
-
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path, format="PNG")
-
-
 def typical_kept(scores: pd.DataFrame, suspects: set, labels: set, per_class: int = 6) -> list[tuple[str, int]]:
     """Kept samples of each suspect class whose final loss is nearest the class median: what a normal
     sample of that class looks like, beside the suspects."""

@@ -131,10 +131,9 @@ def anomaly_index(area: np.ndarray) -> np.ndarray:
 
 
 def trigger_images(images: np.ndarray, mask: np.ndarray, pattern: np.ndarray) -> np.ndarray:
-    """uint8 images N x H x W x C stamped with one reversed trigger (mask [H, W], pattern [C, H, W])."""
-    x = images.astype(np.float32) / 255.0
-    out = (1 - mask[None, :, :, None]) * x + mask[None, :, :, None] * pattern.transpose(1, 2, 0)[None]
-    return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+    """uint8 images N x H x W x C `stamp`ed with one reversed trigger (mask [H, W], pattern [C, H, W])."""
+    x = stamp(to_tensor(images, torch.device("cpu")), torch.from_numpy(mask), torch.from_numpy(pattern))
+    return x.mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def trigger_picture(mask: np.ndarray, pattern: np.ndarray) -> np.ndarray:

@@ -15,10 +15,11 @@ import torch
 from sanitizer import paths
 from sanitizer.config import Params, params_hash
 from sanitizer.data import load_store, store_hash
-from sanitizer.export import PARITY_BATCHES, write_guard_onnx, write_model_onnx
+from sanitizer.export import write_guard_onnx, write_model_onnx
 from sanitizer.fileio import write_json
 from sanitizer.guard import build_guard, guard_settings
 from sanitizer.models import load_checkpoint
+from sanitizer.onnx_io import PARITY_BATCHES
 from sanitizer.rules import load_rules
 
 EARLIER = ("ingest", "isolate", "recheck", "quarantine", "unlearn")

@@ -16,15 +16,13 @@ import pandas as pd
 
 from sanitizer import paths
 from sanitizer.config import Params
-from sanitizer.data import load_store
+from sanitizer.data import load_store, write_png
 from sanitizer.errors import GateFailed, SanitizeError
-from sanitizer.export import parity
 from sanitizer.fileio import atomic_dir, write_json
 from sanitizer.guard import guard_rates, onnx_guard
 from sanitizer.metrics import attack_success_rate, canary_results, clean_accuracy
 from sanitizer.models import load_checkpoint
-from sanitizer.onnx_io import onnx_predictor
-from sanitizer.quarantine import write_png
+from sanitizer.onnx_io import onnx_predictor, parity
 from sanitizer.review_page import write_review_page
 from sanitizer.scan import scan_model, trigger_picture
 from sanitizer.train import pick_device
@@ -70,16 +68,16 @@ def run(params: Params) -> None:
                                              rt.target)
         checks.append(check(f"asr:{rt.attack}", asr[rt.attack], gp.max_asr, "<="))
     manifest = pd.read_csv(paths.QUARANTINE_CSV, dtype={"id": str}, keep_default_na=False)
-    guard_score, _ = onnx_guard(paths.GUARD_ONNX)
+    shipped_guard = onnx_guard(paths.GUARD_ONNX)
     canaries = canary_results(params, predict, test, set(manifest.loc[manifest["quarantined"] == 1, "id"]),
-                              lambda x: guard_score(x)[1])
+                              lambda x: shipped_guard[0](x)[1])
     for c in canaries:  # ingest refuses a canary without samples, so each has a recall
         checks += [check(f"asr:{c['canary']}", c["asr"], gp.max_asr, "<="),
                    check(f"recall:{c['canary']}", c["recall"], gp.min_canary_recall, ">=")]
     scan = scan_release(params, test, predict)
     if scan:
         checks.append(check("scan:flagged_classes", len(scan["flagged"]), 0, "<="))
-    guard = guard_rates(params, test, checks)
+    guard = guard_rates(params, test, checks, shipped_guard)
     passed = all(c["passed"] for c in checks)
     write_json(paths.metrics_file("gate"), {
         "passed": passed, "clean_accuracy": round(ca, 4), "min_clean_accuracy": gp.min_clean_accuracy,

@@ -13,6 +13,7 @@ from sanitizer import paths
 from sanitizer.config import Params
 from sanitizer.data import save_store, store_hash
 from sanitizer.fileio import atomic_dir, write_csv, write_json
+from sanitizer.canary import TRUTH_COLUMNS
 from sanitizer.ingestion import ingest, redteam_test_set
 
 
@@ -28,7 +29,7 @@ def run(params: Params) -> None:
             save_store(out / paths.REDTEAM_TEST.name, redteam_test_set(test, params))
         write_csv(out / paths.REDTEAM_TRUTH.name, ["id", "original_label", "attack", "target", "role"],
                   data.truth_rows)
-        write_csv(out / paths.CANARY_TRUTH.name, ["id", "source_id", "canary", "family", "target"], data.canary_rows)
+        write_csv(out / paths.CANARY_TRUTH.name, TRUTH_COLUMNS, data.canary_rows)
         write_json(out / paths.RULES_JSON.name, {"rules": rules.as_dict(), "evidence": evidence})
     counts, class_names = Counter(train.labels.tolist()), list(train.class_names)
     roles = Counter(row[-1] for row in data.truth_rows)

@@ -15,11 +15,10 @@ import pandas as pd
 
 from sanitizer import paths
 from sanitizer.config import Params
-from sanitizer.data import load_store, save_arrays, save_store
+from sanitizer.data import load_store, save_arrays, save_store, write_png
 from sanitizer.fileio import atomic_dir, write_json, write_text
 from sanitizer.metrics import canary_ids
-from sanitizer.quarantine import (MANIFEST_COLUMNS, merge_suspects, partition, read_decisions, typical_kept,
-                                  write_png)
+from sanitizer.quarantine import MANIFEST_COLUMNS, merge_suspects, partition, read_decisions, typical_kept
 from sanitizer.review_page import DETECTOR_COLUMNS, write_review_page
 
 
