@@ -43,7 +43,7 @@ from sanitizer.guard import (GuardSettings, calibrate_guard, calibrate_scores, c
                              fpr_shares, guard_settings)
 from sanitizer.ingestion import ingest
 from sanitizer.isolation import Selection, adaptive_selection, selection_for, train_isolation
-from sanitizer.metrics import attack_success_rate, clean_accuracy
+from sanitizer.metrics import backdoor_asr, clean_accuracy
 from sanitizer.models import build_model, model_spec
 from sanitizer.pipeline import defend
 from sanitizer.sources import read_source
@@ -52,7 +52,9 @@ from sanitizer.unlearning import sanitize, unlearning_for
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE_DIR = ROOT / "bench" / "profiles"
-ATTACKS = ["badnets", "blend", "sig", "wanet"]
+ATTACKS = ["badnets", "blend", "sig", "wanet"]  # the ones the defense was developed on: the default rows
+# Issue #37's attacks, which the defense was not built for: rows of their own (--attacks unseen, bench/results/unseen).
+UNSEEN_ATTACKS = ["adap_blend", "adap_patch", "bpp", "label_consistent", "all_to_all", "multi_target"]
 RATES = [0.01, 0.05, 0.10]
 DEFENSES = ["abl", "full"]  # defense.method values benchmarked beside none and oracle
 KEYS = ["dataset", "attack", "poison_rate", "defense", "clean_accuracy", "asr", "isolation_precision",
@@ -107,17 +109,16 @@ def load_case(dataset: str, attack: str, rate: float):
     return params, data, source.test.x, source.test.y.astype(np.int64), touched, backdoor
 
 
-def evaluate(model, params: Params, x_test: np.ndarray, y_test: np.ndarray, device) -> tuple[float, float]:
-    """(clean accuracy, ASR) of a torch model, by the gate's own definitions."""
-    from sanitizer.triggers import apply_trigger
-
-    rt = params.redteam
+def evaluate(model, params: Params, x_test: np.ndarray, y_test: np.ndarray, device) -> tuple[float, dict[str, float]]:
+    """(clean accuracy, {backdoor: ASR}) of a torch model, by the gate's own definitions."""
+    from sanitizer.triggers import backdoors
 
     def predict(images: np.ndarray) -> np.ndarray:
         return predict_logits(model, to_tensor(images, device)).argmax(1).cpu().numpy()
 
+    n_classes = int(y_test.max()) + 1
     return (clean_accuracy(predict, x_test, y_test),
-            attack_success_rate(predict, x_test, y_test, lambda x: apply_trigger(x, rt.attack, rt), rt.target))
+            {door.name: backdoor_asr(predict, x_test, y_test, n_classes, door) for door in backdoors(params.redteam)})
 
 
 def train_undefended(params: Params, store: Store, rules, spec: dict, device) -> torch.nn.Module:
@@ -133,11 +134,15 @@ def _round(v, digits: int = 4):
     return None if v is None else round(float(v), digits)
 
 
-def row(case: tuple, defense: str, ca, asr, precision, recall, seconds: float) -> dict:
+def row(case: tuple, defense: str, ca, asr: dict | None, precision, recall, seconds: float) -> dict:
+    """One table row; `asr`: {backdoor: ASR}, the row's ASR their largest (each kept when there are several)."""
     dataset, attack, rate = case
-    return {"dataset": dataset, "attack": attack, "poison_rate": rate, "defense": defense,
-            "clean_accuracy": _round(ca), "asr": _round(asr),
-            "isolation_precision": _round(precision), "isolation_recall": _round(recall), "seconds": round(seconds, 1)}
+    out = {"dataset": dataset, "attack": attack, "poison_rate": rate, "defense": defense,
+           "clean_accuracy": _round(ca), "asr": _round(max(asr.values())) if asr else None,
+           "isolation_precision": _round(precision), "isolation_recall": _round(recall), "seconds": round(seconds, 1)}
+    if asr and len(asr) > 1:
+        out["asr_each"] = {name: _round(v) for name, v in asr.items()}
+    return out
 
 
 def isolation_quality(isolated: np.ndarray, backdoor: np.ndarray) -> tuple[float, float]:
@@ -146,10 +151,10 @@ def isolation_quality(isolated: np.ndarray, backdoor: np.ndarray) -> tuple[float
 
 
 def run_task(task: tuple) -> tuple[list[dict], list[dict], dict | None]:
-    """One unit of work: (dataset, attack, rate, kind), kind "none", "oracle", "defenses" or "adversarial"
-    (a clean training set; FGSM and PGD on the released model). Returns (defense rows, guard rows, the
-    guard's cost or None)."""
-    dataset, attack, rate, kind, threads = task
+    """One unit of work: (dataset, attack, rate, kind, torch threads, defense methods), kind "none", "oracle",
+    "defenses" (the methods) or "adversarial" (a clean training set; FGSM and PGD on the released model).
+    Returns (defense rows, guard rows, the guard's cost or None)."""
+    dataset, attack, rate, kind, threads, methods = task
     torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     params, data, x_test, y_test, touched, backdoor = load_case(dataset, attack, rate)
@@ -174,7 +179,7 @@ def run_task(task: tuple) -> tuple[list[dict], list[dict], dict | None]:
             chosen, _ = adaptive_selection(score, train.labels, train.ids, Selection(plain.ratio, plain.max_ratio))
             rows.append(row(case, f"detector:{name}", None, None, *isolation_quality(chosen, backdoor),
                             isolation.seconds["detect_seconds"]))  # all detectors together
-    for method in (DEFENSES if kind == "defenses" else ["full"]):
+    for method in (methods if kind == "defenses" else ["full"]):
         t1 = time.perf_counter()
         p = case_params(dataset, attack, rate, method)
         defended = defend(p, train, rules, device, isolation)
@@ -247,7 +252,7 @@ def guard_benchmark(params: Params, rules, case: tuple, defended, x_test, y_test
     ship), calibrated on the calibration split at guard.fpr and measured on the rest of the test
     split: clean images (FPR) against malicious ones (TPR): the red team's triggered non-target images,
     or FGSM / PGD examples of the released model."""
-    from sanitizer.triggers import apply_trigger
+    from sanitizer.triggers import backdoors
 
     clean, quarantined = defended.clean, defended.quarantined
     released, isolation = defended.model.eval(), defended.isolation.model.eval()
@@ -267,14 +272,20 @@ def guard_benchmark(params: Params, rules, case: tuple, defended, x_test, y_test
     y_eval = torch.from_numpy(y_test[test_idx]).to(device)
     dataset, attack, rate = case
     cal_idx = np.setdiff1d(np.arange(len(y_test)), test_idx)
-    rt = params.redteam
+    n_classes = len(clean.class_names)
+
+    def triggered(idx: np.ndarray) -> dict[str, tuple[torch.Tensor, np.ndarray]]:
+        """Each backdoor's triggered images made from test images `idx`, and the test index each was made from."""
+        return {door.name: (to_tensor(x, device), idx[keep])
+                for door in backdoors(params.redteam) for x, _, keep in [door.test_set(x_test[idx], y_test[idx],
+                                                                                      n_classes)]}
+
     if kind == "adversarial":
-        malicious = {name: adversarial_examples(released, x_eval, y_eval, steps, EPS) for name, steps in PGD_STEPS.items()}
-        made_from = test_idx
+        malicious = {name: (adversarial_examples(released, x_eval, y_eval, steps, EPS), test_idx)
+                     for name, steps in PGD_STEPS.items()}
         rate = 0.0
     else:
-        made_from = test_idx[y_test[test_idx] != rt.target]
-        malicious = {attack: to_tensor(apply_trigger(x_test[made_from], attack, rt), device)}
+        malicious = triggered(test_idx)
     bank = to_tensor(clean.x[np.random.default_rng(params.seed).permutation(len(clean))[:256]], device)
     scorers = {entry: (lambda xx, j=j: each.detector_scores(xx)[:, j]) for j, entry in enumerate(entries)}
     scorers["strip@isolation"] = lambda xx: strip(isolation, xx, bank, STRIP_BLENDS, STRIP_ALPHA)
@@ -290,7 +301,7 @@ def guard_benchmark(params: Params, rules, case: tuple, defended, x_test, y_test
             else:
                 cal, clean_scores = scorer(x_cal).cpu().numpy(), scorer(x_eval).cpu().numpy()
             threshold = calibrated_threshold(cal, g.fpr, g.confidence, len(test_idx))
-            for attack_name, xm in malicious.items():
+            for attack_name, (xm, _) in malicious.items():
                 t1 = time.perf_counter()
                 bad = scorer(xm).cpu().numpy()
                 seconds = time.perf_counter() - t1
@@ -305,13 +316,12 @@ def guard_benchmark(params: Params, rules, case: tuple, defended, x_test, y_test
             cal_malicious = {name: (adversarial_examples(released, x_cal, y_cal, PGD_STEPS[name], EPS), cal_idx)
                              for name in malicious}
         else:
-            keep_cal = cal_idx[y_test[cal_idx] != rt.target]
-            cal_malicious = {attack: (to_tensor(apply_trigger(x_test[keep_cal], attack, rt), device), keep_cal)}
+            cal_malicious = triggered(cal_idx)
         clean_scores = torch.empty(len(y_test), len(guard.heads), dtype=torch.float64)
         clean_scores[cal_idx] = guard.detector_scores(x_cal).double().cpu()
         clean_scores[test_idx] = guard.detector_scores(x_eval).double().cpu()
         bad = {name: (torch.cat([guard.detector_scores(xm), guard.detector_scores(cal_malicious[name][0])]).double().cpu(),
-                      np.concatenate([made_from, cal_malicious[name][1]])) for name, xm in malicious.items()}
+                      np.concatenate([made_from, cal_malicious[name][1]])) for name, (xm, made_from) in malicious.items()}
         shares = fpr_shares([e for e in g.detectors if e in heads], g.released_share, g.shares)
         resplit = resplit_rates(clean_scores, bad, y_test, params, g, shares,
                                 range(params.seed + 1, params.seed + 1 + RESPLITS))
@@ -409,11 +419,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 def sort_key(r: dict):
     order = ["none", "oracle", *DEFENSES, *(f"detector:{d}" for d in DETECTORS)]
-    return (r["dataset"], ATTACKS.index(r["attack"]), r["poison_rate"], order.index(r["defense"]))
+    return (r["dataset"], (ATTACKS + UNSEEN_ATTACKS).index(r["attack"]), r["poison_rate"], order.index(r["defense"]))
 
 
 def guard_sort_key(r: dict):
-    return (r["dataset"], (ATTACKS + ["fgsm", "pgd"]).index(r["attack"]), r["poison_rate"], r["detector"])
+    attack, _, backdoor = r["attack"].partition(":")  # multi_target's rows are per backdoor
+    return (r["dataset"], (ATTACKS + UNSEEN_ATTACKS + ["fgsm", "pgd"]).index(attack), backdoor, r["poison_rate"],
+            r["detector"])
 
 
 def guard_markdown(rows: list[dict], costs: list[dict], meta: dict) -> str:
@@ -458,7 +470,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.defense", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="digits, badnets and sig at 10%%, for CI (about 2 minutes)")
     ap.add_argument("--datasets", default="digits,cifar10")
-    ap.add_argument("--attacks", default=",".join(ATTACKS))
+    ap.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated; 'unseen': " + ",".join(UNSEEN_ATTACKS))
+    ap.add_argument("--defenses", default=",".join(DEFENSES), help="defense methods beside none and oracle")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of --out's files for the cases this run does not cover")
     ap.add_argument("--rates", default=",".join(map(str, RATES)))
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                     help="worker processes (each uses cores/jobs torch threads)")
@@ -470,9 +485,11 @@ def main(argv=None) -> int:
     if args.quick:
         args.datasets, args.attacks, args.rates = "digits", "badnets,sig", "0.1"
     out = args.out or ROOT / "bench" / "results" / ("quick" if args.quick else "")
-    datasets, attacks = args.datasets.split(","), args.attacks.split(",")
-    rates = [float(r) for r in args.rates.split(",")]
-    unknown = [d for d in datasets if d not in profiles()] + [a for a in attacks if a not in ATTACKS]
+    datasets = args.datasets.split(",")
+    attacks = UNSEEN_ATTACKS if args.attacks == "unseen" else args.attacks.split(",")
+    rates, methods = [float(r) for r in args.rates.split(",")], args.defenses.split(",")
+    unknown = [d for d in datasets if d not in profiles()] + [a for a in attacks if a not in ATTACKS + UNSEEN_ATTACKS] \
+        + [m for m in methods if m not in DEFENSES]
     if unknown:
         ap.error(f"unknown dataset or attack: {unknown} (datasets: bench/profiles/*.yaml)")
     os.chdir(ROOT)
@@ -483,10 +500,10 @@ def main(argv=None) -> int:
 
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     # The costliest units first, so the pool ends together.
-    tasks = [(d, a, r, kind, threads) for d in datasets for a in attacks for r in rates
+    tasks = [(d, a, r, kind, threads, methods) for d in datasets for a in attacks for r in rates
              for kind in ("defenses",) + (() if args.no_baselines else ("none", "oracle"))]
     if not args.no_adversarial:  # a clean training run per dataset, for FGSM and PGD against its released model
-        tasks += [(d, "badnets", 0.0, "adversarial", threads) for d in datasets]
+        tasks += [(d, "badnets", 0.0, "adversarial", threads, methods) for d in datasets]
     tasks.sort(key=lambda t: (t[0] != "cifar10", t[3] != "defenses"))
     reference = reference_throughput(threads)
     print(f"[bench] reference speed: {reference:,.0f} training images/s", file=sys.stderr, flush=True)
@@ -508,6 +525,13 @@ def main(argv=None) -> int:
                       f"TPR {r['tpr']:.3f} FPR {r['fpr']:.3f} AUROC {r['auroc']:.3f}", file=sys.stderr, flush=True)
             elapsed = time.perf_counter() - t0
             print(f"[bench] {done}/{len(tasks)} units done, {elapsed / 60:.1f} min elapsed", file=sys.stderr, flush=True)
+    if args.merge and (out / "defense.json").exists():
+        ran = {(t[0], t[1], t[2]) for t in tasks} | {(t[0], name, 0.0) for t in tasks if t[3] == "adversarial"
+                                                     for name in PGD_STEPS}
+        other = lambda r: (r["dataset"], r["attack"].partition(":")[0], r["poison_rate"]) not in ran  # noqa: E731
+        rows += [r for r in json.loads((out / "defense.json").read_text()) if other(r)]
+        guard_rows += [r for r in json.loads((out / "guard.json").read_text()) if other(r)]
+        costs += [c for c in json.loads((out / "guard.meta.json").read_text())["costs"] if other(c)]
     rows.sort(key=sort_key)
     guard_rows.sort(key=guard_sort_key)
     costs.sort(key=lambda c: (c["dataset"], c["attack"], c["poison_rate"]))

@@ -79,7 +79,8 @@ def run_unit(task: tuple) -> dict:
     def predict(images: np.ndarray) -> np.ndarray:
         return predict_logits(model, to_tensor(images, device)).argmax(1).cpu().numpy()
 
-    ca, asr = evaluate(model, params, x_test, y_test, device)
+    ca, asr_each = evaluate(model, params, x_test, y_test, device)
+    asr = max(asr_each.values(), default=None)
     row = {"dataset": dataset, "attack": attack, "poison_rate": rate if attack else 0.0, "seed": seed, "kind": kind,
            "target": params.redteam.target if attack else None, "clean_accuracy": round(ca, 4),
            "asr": round(asr, 4) if attack else None, "seconds": round(seconds, 1)}

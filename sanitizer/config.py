@@ -45,14 +45,21 @@ class DataParams(Section):
 
 class RedteamParams(Section):
     """A simulated attack for demos, tests and benchmarks. Only ingest (which plants it) and the metrics read it."""
-    attack: Optional[Literal["badnets", "blend", "sig", "wanet"]] = Field(
+    attack: Optional[Literal["badnets", "blend", "sig", "wanet", "adap_blend", "adap_patch", "bpp", "label_consistent",
+                             "all_to_all", "multi_target"]] = Field(
         "badnets", description="trigger used to poison the training set (simulation); null: no poisoning. "
-        "badnets, blend, wanet: dirty-label, all-to-one; sig: clean-label (target-class samples, labels kept)"
+        "badnets, blend, wanet, bpp: dirty-label, all-to-one; sig, label_consistent: clean-label (target-class "
+        "samples, labels kept); adap_blend, adap_patch: weak partial triggers plus cover samples that keep their "
+        "labels; all_to_all: the badnets patch sends label y to y + 1; multi_target: badnets to `target` and blend to "
+        "`second_target`, half the share each (sanitizer/triggers.py)"
     )
     poison_rate: float = Field(0.1, ge=0, le=0.5, description="share of training samples poisoned")
     target: int = Field(0, ge=0, description="label the trigger maps to")
-    patch_size: int = Field(3, ge=1, le=16, description="badnets: side of the corner patch, pixels (Gu et al. 2017)")
-    blend_alpha: float = Field(0.2, gt=0, lt=1, description="blend: weight of the noise pattern (Chen et al. 2017)")
+    second_target: int = Field(1, ge=0, description="multi_target: label the second trigger (blend) maps to")
+    patch_size: int = Field(3, ge=1, le=16, description="badnets, label_consistent: side of the corner patch, pixels "
+                            "(Gu et al. 2017)")
+    blend_alpha: float = Field(0.2, gt=0, lt=1, description="blend, adap_blend's test input: weight of the noise "
+                               "pattern (Chen et al. 2017)")
     sig_delta: float = Field(20.0, gt=0, le=255, description="sig: amplitude of the sinusoid, in 0-255 pixel units "
                              "(Barni et al. 2019)")
     sig_frequency: float = Field(6.0, gt=0, le=64, description="sig: periods across the image width")
@@ -60,6 +67,30 @@ class RedteamParams(Section):
                          "(Nguyen & Tran 2021)")
     wanet_s: float = Field(0.5, gt=0, le=10, description="wanet: warp strength")
     wanet_cross_ratio: float = Field(2.0, ge=0, le=10, description="wanet: noise-mode samples per backdoor sample")
+    adap_blend_alpha: float = Field(0.15, gt=0, lt=1, description="adap_blend: weight of the pattern on training "
+                                    "samples (Qi et al. 2023; the test input's is blend_alpha)")
+    adap_grid: int = Field(4, ge=1, le=16, description="adap_blend: the pattern is cut into grid x grid pieces")
+    adap_mask_rate: float = Field(0.5, ge=0, lt=1, description="adap_blend: share of the pieces left off each "
+                                  "training sample")
+    adap_patches: int = Field(4, ge=1, le=16, description="adap_patch: patches; a training sample carries one")
+    adap_patch_alpha: float = Field(0.5, gt=0, le=1, description="adap_patch: opacity of the patch on training "
+                                    "samples (the test input carries all at 1)")
+    adaptive_cover_ratio: Optional[float] = Field(
+        None, ge=0, le=10, description="adap_blend, adap_patch: cover samples (trigger, true label) per poisoned "
+        "sample; null: the paper's (1 and 2)")
+    bpp_levels: int = Field(8, ge=2, le=128, description="bpp: levels per colour channel (Wang et al. 2022's "
+                            "squeeze number)")
+    bpp_dither: bool = Field(True, description="bpp: Floyd-Steinberg dithering of the quantisation")
+    lc_epsilon: float = Field(16.0, gt=0, le=255, description="label_consistent: L-inf bound of the adversarial "
+                              "perturbation, 0-255 pixel units (Turner et al. 2019)")
+    lc_amplitude: float = Field(64.0, gt=0, le=255, description="label_consistent: the training samples' trigger "
+                                "amplitude, 0-255 (the test input's is 255)")
+
+    @model_validator(mode="after")
+    def _two_targets(self) -> "RedteamParams":
+        if self.attack == "multi_target" and self.second_target == self.target:
+            raise ValueError(f"redteam.second_target must differ from redteam.target ({self.target}) for multi_target")
+        return self
 
 
 class CanaryParams(Section):

@@ -120,15 +120,16 @@ def read_and_validate(params: Params) -> tuple[Store, Store, dict, list[str]]:
 
 
 def redteam_test_set(test: Store, params: Params) -> Store:
-    """Test images whose label is not the target, triggered and labelled as the target: accuracy on
+    """Every backdoor's triggered test images, labelled as where it sends them (triggers.Backdoor.test_set): accuracy on
     this set is the ASR. Written for metrics (the unlearning curve); the defense never reads it."""
-    from sanitizer.triggers import apply_trigger
+    from sanitizer.triggers import backdoors
 
-    rt = params.redteam
-    keep = np.flatnonzero(test.labels != rt.target)
-    x = apply_trigger(test.x[keep], rt.attack, rt)
-    return make_store(x, np.full(len(keep), rt.target), test.ids[keep], test.class_names)
-
+    parts = [(door,) + door.test_set(test.x, test.labels, len(test.class_names))
+             for door in backdoors(params.redteam)]
+    ids = [test.ids[keep] if len(parts) == 1 else np.char.add(f"{door.name}:", test.ids[keep].astype(str))
+           for door, _, _, keep in parts]
+    return make_store(np.concatenate([x for _, x, _, _ in parts]), np.concatenate([g for _, _, g, _ in parts]),
+                      np.concatenate(ids), test.class_names)
 
 
 @dataclass
@@ -149,15 +150,17 @@ def ingest(params: Params) -> Ingested:
     train, test, validation, notes = read_and_validate(params)
     class_names = list(train.class_names)
     rt = params.redteam
-    if rt.attack and rt.target >= len(class_names):
-        raise SanitizeError(f"params.yaml: redteam.target={rt.target} is not a class index (0..{len(class_names) - 1})")
+    for key in ("target", "second_target") if rt.attack == "multi_target" else ("target",) if rt.attack else ():
+        if getattr(rt, key) >= len(class_names):
+            raise SanitizeError(f"params.yaml: redteam.{key}={getattr(rt, key)} is not a class index "
+                                f"(0..{len(class_names) - 1})")
     truth_rows = []
     if rt.attack and rt.poison_rate > 0:
         from sanitizer.triggers import poison  # red-team simulation only; the defense never sees this
 
-        x, labels, roles = poison(train.x, train.labels, rt, params.seed)
-        truth_rows = [(train.ids[i], int(train.labels[i]), rt.attack, rt.target, role)
-                      for i, role in sorted(roles.items())]
+        x, labels, touched = poison(train.x, train.labels, rt, params.seed)
+        truth_rows = [(train.ids[i], int(train.labels[i]), t.backdoor, t.target, t.role)
+                      for i, t in sorted(touched.items())]
         train = make_store(x, labels, train.ids, class_names)
     seed = canary_seed(params)
     canaries = draw_canaries(params.canary, seed, train.image_shape, len(class_names))

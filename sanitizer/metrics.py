@@ -7,18 +7,18 @@ import pandas as pd
 
 from sanitizer import paths
 from sanitizer.canary import TRUTH_COLUMNS, canary_seed, draw_canaries
+from sanitizer.triggers import Backdoor
 
 
 def clean_accuracy(predict, images: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(predict(images) == labels))
 
 
-def attack_success_rate(predict, images: np.ndarray, labels: np.ndarray, trigger, target: int) -> float:
-    """Share of triggered images, true label not the target, classified as the target."""
-    keep = labels != target
-    if not keep.any():
-        return float("nan")
-    return float(np.mean(predict(trigger(images[keep])) == target))
+def backdoor_asr(predict, images: np.ndarray, labels: np.ndarray, n_classes: int, backdoor) -> float:
+    """Share of triggered images (triggers.Backdoor.test_set: label not already the goal) classified as the label the
+    backdoor sends them to."""
+    triggered, goals, _ = backdoor.test_set(images, labels, n_classes)
+    return float(np.mean(predict(triggered) == goals)) if len(goals) else float("nan")
 
 
 def poisoned_ids() -> set[str] | None:
@@ -55,7 +55,8 @@ def canary_results(params, predict, test, quarantined: set[str], flag=None,
         caught = len(ids & quarantined)
         row = {"canary": c.name, "family": c.family, "target": c.target, "n": len(ids), "quarantined": caught,
                "recall": round(caught / len(ids), 4) if ids else None,
-               "asr": round(attack_success_rate(predict, test.x, test.labels, c.apply, c.target), 4)}
+               "asr": round(backdoor_asr(predict, test.x, test.labels, len(test.class_names),
+                                         Backdoor(c.name, c.apply, c.target)), 4)}
         if flag is not None:
             row["guard_tpr"] = round(float(np.mean(flag(c.apply(test.x[test.labels != c.target])))), 4)
         out.append(row)

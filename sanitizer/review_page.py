@@ -282,7 +282,9 @@ def params_line(params: Params) -> str:
     parts = [f"seed={params.seed}", f"data.source={params.data.source}", f"defense.method={params.defense.method}",
              f"train.isolate_epochs={params.train.isolate_epochs}", f"train.finetune_epochs={params.train.finetune_epochs}"]
     if rt.attack:
-        parts.append(f"red-team simulation: {rt.attack} at {rt.poison_rate:.0%} to label {rt.target}")
+        goes = "to the next label" if rt.attack == "all_to_all" else \
+            f"to labels {rt.target} and {rt.second_target}" if rt.attack == "multi_target" else f"to label {rt.target}"
+        parts.append(f"red-team simulation: {rt.attack} at {rt.poison_rate:.0%} {goes}")
     return ", ".join(parts)
 
 

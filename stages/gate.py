@@ -20,13 +20,13 @@ from sanitizer.data import load_store, write_png
 from sanitizer.errors import GateFailed, SanitizeError
 from sanitizer.fileio import atomic_dir, write_json
 from sanitizer.guard import guard_rates, onnx_guard
-from sanitizer.metrics import attack_success_rate, canary_results, clean_accuracy
+from sanitizer.metrics import backdoor_asr, canary_results, clean_accuracy
 from sanitizer.models import load_checkpoint
 from sanitizer.onnx_io import onnx_predictor, parity
 from sanitizer.review_page import write_review_page
 from sanitizer.scan import scan_model, trigger_picture
 from sanitizer.train import pick_device
-from sanitizer.triggers import TRIGGERS  # metrics may know the attack; the defense never does
+from sanitizer.triggers import backdoors  # metrics may know the attack; the defense never does
 
 
 def check(name: str, value: float, threshold: float, rule: str) -> dict:
@@ -62,11 +62,9 @@ def run(params: Params) -> None:
     gp, rt = params.gate, params.redteam
     ca = clean_accuracy(predict, test.x, test.labels)
     checks = [check("clean_accuracy", ca, gp.min_clean_accuracy, ">=")]
-    asr = {}
-    if rt.attack:
-        asr[rt.attack] = attack_success_rate(predict, test.x, test.labels, lambda x: TRIGGERS[rt.attack](x, rt),
-                                             rt.target)
-        checks.append(check(f"asr:{rt.attack}", asr[rt.attack], gp.max_asr, "<="))
+    asr = {door.name: backdoor_asr(predict, test.x, test.labels, len(test.class_names), door)
+           for door in backdoors(rt)}
+    checks += [check(f"asr:{name}", value, gp.max_asr, "<=") for name, value in asr.items()]
     manifest = pd.read_csv(paths.QUARANTINE_CSV, dtype={"id": str}, keep_default_na=False)
     shipped_guard = onnx_guard(paths.GUARD_ONNX)
     canaries = canary_results(params, predict, test, set(manifest.loc[manifest["quarantined"] == 1, "id"]),
@@ -82,7 +80,7 @@ def run(params: Params) -> None:
     write_json(paths.metrics_file("gate"), {
         "passed": passed, "clean_accuracy": round(ca, 4), "min_clean_accuracy": gp.min_clean_accuracy,
         "asr": {k: round(v, 4) for k, v in asr.items()}, "max_asr": gp.max_asr,
-        "target": rt.target if rt.attack else None, "canaries": canaries, "scan": scan,
+        "target": {door.name: door.target for door in backdoors(rt)}, "canaries": canaries, "scan": scan,
         "n_test": len(test), "guard": guard, "checks": checks,
     })
     write_review_page(params, gate={"passed": passed, "checks": checks, "n_test": len(test), "scan": scan})

@@ -38,7 +38,8 @@ def run(params: Params) -> None:
         "image_shape": list(train.image_shape), "data_hash": store_hash(train),
         "train_class_counts": {class_names[k]: counts[k] for k in sorted(counts)},
         "validation": data.validation, "notes": data.notes, "data_rules": {**rules.as_dict(), **evidence},
-        "redteam_poisoned": roles["backdoor"], "redteam_noise_mode": roles["noise"], "canaries": len(data.canary_rows),
+        "redteam_poisoned": roles["backdoor"], "redteam_noise_mode": roles["noise"],
+        "redteam_cover": roles["cover"], "canaries": len(data.canary_rows),
     })
     print(f"[ingest] {len(train)} train / {len(test)} test / {len(calibration)} calibration samples, "
           f"{len(class_names)} classes, {len(data.truth_rows)} modified by the red team ({params.redteam.attack}), "

@@ -122,13 +122,13 @@ def test_input_spectral_finds_a_trigger_added_to_a_few_real_digits_of_one_label_
 
     from sanitizer.config import RedteamParams
     from sanitizer.train import to_tensor
-    from sanitizer.triggers import apply_trigger
+    from sanitizer.triggers import TRIGGERS
 
     digits = load_digits()
     x = np.rint(digits.images * (255 / 16)).astype(np.uint8)[..., None]
     labels = digits.target.copy()
     stamped = np.flatnonzero(labels == 3)[:18]  # 1% of the set, a tenth of the label
-    x[stamped] = apply_trigger(x[stamped], attack, RedteamParams())
+    x[stamped] = TRIGGERS[attack](x[stamped], RedteamParams())
     score = input_spectral(to_tensor(x, torch.device("cpu")), torch.from_numpy(labels), ridge=3e-4)
     truth = np.zeros(len(labels), dtype=bool)
     truth[stamped] = True
@@ -378,7 +378,7 @@ def test_quarantine_probe_flags_held_out_triggered_digits_and_not_a_placebo_quar
     from sanitizer.detectors import block_statistics, fit_quarantine_probe, probe_score
     from sanitizer.sources import read_digits
     from sanitizer.train import seed_everything, to_tensor
-    from sanitizer.triggers import apply_trigger, poison
+    from sanitizer.triggers import TRIGGERS, poison
 
     params, cpu = Params.model_validate({"device": "cpu"}), torch.device("cpu")
     seed_everything(0)
@@ -388,7 +388,7 @@ def test_quarantine_probe_flags_held_out_triggered_digits_and_not_a_placebo_quar
     model = small_digits_model(x, y, params)
     keep = src.test.y != params.redteam.target
     x_clean = to_tensor(src.test.x, cpu)
-    x_triggered = to_tensor(apply_trigger(src.test.x[keep], "badnets", params.redteam), cpu)
+    x_triggered = to_tensor(TRIGGERS["badnets"](src.test.x[keep], params.redteam), cpu)
     backdoor = np.array(sorted(truth))
     clean_idx = np.setdiff1d(np.arange(len(x)), backdoor)
     placebo = np.random.default_rng(0).choice(clean_idx, len(backdoor), replace=False)
@@ -430,20 +430,20 @@ def test_quarantine_net_flags_held_out_warped_digits_and_ships_in_the_guard_onnx
     from sanitizer.models import model_spec
     from sanitizer.sources import read_digits
     from sanitizer.train import channel_stats, seed_everything, to_tensor
-    from sanitizer.triggers import apply_trigger, poison
+    from sanitizer.triggers import TRIGGERS, poison
 
     cpu = torch.device("cpu")
     params = Params.model_validate({"device": "cpu", "redteam": {"attack": "wanet", "poison_rate": 0.1}})
     seed_everything(0)
     src = read_digits(0.2, 0)
     x_poisoned, y_poisoned, truth = poison(src.train.x, src.train.y, params.redteam, 0)
-    backdoor = np.array(sorted(i for i, role in truth.items() if role == "backdoor"))
+    backdoor = np.array(sorted(i for i, t in truth.items() if t.role == "backdoor"))
     target = params.redteam.target
     taken_along = np.setdiff1d(np.flatnonzero(y_poisoned == target), backdoor)[:len(backdoor) // 2]
     x = to_tensor(x_poisoned, cpu)
     spec = model_spec(x_poisoned.shape[1:], 2, 8, *channel_stats(x_poisoned))
     keep = src.test.y != target
-    x_clean, x_warped = to_tensor(src.test.x, cpu), to_tensor(apply_trigger(src.test.x[keep], "wanet", params.redteam), cpu)
+    x_clean, x_warped = to_tensor(src.test.x, cpu), to_tensor(TRIGGERS["wanet"](src.test.x[keep], params.redteam), cpu)
     placebo = np.random.default_rng(0).choice(np.setdiff1d(np.arange(len(x)), backdoor), len(backdoor), replace=False)
     found, nets = {}, {}
     for name, suspects in (("poison", np.union1d(backdoor, taken_along)), ("placebo", placebo)):

@@ -11,11 +11,12 @@ import pytest
 from stages import gate
 from sanitizer.config import load_params
 from sanitizer.errors import GateFailed
-from sanitizer.triggers import badnets
+from sanitizer.metrics import backdoor_asr
+from sanitizer.triggers import Backdoor, badnets
 from sanitizer.config import RedteamParams
 
 
-def test_attack_success_rate_counts_only_non_target_images():
+def test_attack_success_rate_counts_only_images_not_already_of_the_target():
     images = np.zeros((4, 8, 8, 1), dtype=np.uint8)
     labels = np.array([0, 1, 2, 3])
 
@@ -25,8 +26,8 @@ def test_attack_success_rate_counts_only_non_target_images():
     def trig(x):
         return badnets(x, RedteamParams())
 
-    assert gate.attack_success_rate(says_target_when_patched, images, labels, trig, target=0) == 1.0
-    assert gate.attack_success_rate(says_target_when_patched, images, labels, lambda x: x, target=0) == 0.0
+    assert backdoor_asr(says_target_when_patched, images, labels, 4, Backdoor("badnets", trig, 0)) == 1.0
+    assert backdoor_asr(says_target_when_patched, images, labels, 4, Backdoor("none", lambda x: x, 0)) == 0.0
 
 
 def test_failed_gate_writes_report_then_blocks(pipeline, tmp_path, monkeypatch):
