@@ -181,6 +181,19 @@ class AdvancedExport(Section):
     opset: int = Field(18, ge=18, le=23, description="ONNX opset")
 
 
+class AdvancedLimits(Section):
+    """What ingest and the review commands may read: each checked before anything is allocated
+    (sanitizer/untrusted.py). The defaults keep a small hostile file from taking more than about 1 GB."""
+    max_file_mb: float = Field(4096, gt=0, description="largest input file (an npz, a CIFAR batch, an image, a "
+                               "decisions file), MB")
+    max_decoded_mb: float = Field(4096, gt=0, description="largest decoded data set (uint8 pixels, from the declared "
+                                  "sizes), MB")
+    max_expansion: float = Field(16, ge=1, description="largest ratio of decoded to stored bytes of compressed "
+                                 "data (npz members, image folders): a compression bomb expands by thousands")
+    max_samples: int = Field(500_000, ge=2, description="most samples in the train and test splits together")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="largest declared width x height of one image")
+
+
 class AdvancedParams(Section):
     """Research constants a user may still want to override; everything here is optional."""
     train: AdvancedTrain = AdvancedTrain()
@@ -188,6 +201,7 @@ class AdvancedParams(Section):
     unlearn: AdvancedUnlearn = AdvancedUnlearn()
     guard: AdvancedGuard = AdvancedGuard()
     export: AdvancedExport = AdvancedExport()
+    limits: AdvancedLimits = AdvancedLimits()
 
 
 class Params(Section):
@@ -210,17 +224,54 @@ class Params(Section):
         return self
 
 
+# params.yaml is a few KB; these bound what a hostile one can cost (an alias bomb expands exponentially).
+PARAMS_MAX_BYTES = 1 << 20
+PARAMS_MAX_ALIASES = 20
+PARAMS_MAX_DEPTH = 20
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader refusing more than PARAMS_MAX_ALIASES aliases or nesting deeper than PARAMS_MAX_DEPTH, while
+    it composes: before an alias can be expanded or a deep structure can exhaust the stack."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.aliases, self.depth = 0, 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > PARAMS_MAX_ALIASES:
+                raise yaml.YAMLError(f"more than {PARAMS_MAX_ALIASES} aliases (*name); write the values out")
+        self.depth += 1
+        try:
+            if self.depth > PARAMS_MAX_DEPTH:
+                raise yaml.YAMLError(f"nested deeper than {PARAMS_MAX_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _shown(value) -> str:
+    """A value as an error message may quote it: at most 80 characters, built without expanding the whole value."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxdict, short.maxlist, short.maxstring, short.maxother = 2, 4, 4, 60, 60
+    return short.repr(value)[:80]
+
+
 def load_params(path: Path | str = PARAMS_FILE) -> Params:
     """Read and validate params.yaml; any problem becomes one SanitizeError naming the key."""
+    from sanitizer.untrusted import read_regular
+
     path = Path(path)
+    text = read_regular(path, PARAMS_MAX_BYTES / (1 << 20), "a params file's, fixed",
+                        "pass the params file (params.yaml; see README.md)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SanitizeError(f"{path}: not found; run from the project root or create it (see README.md)") from None
-    except IsADirectoryError:
-        raise SanitizeError(f"{path}: is a directory; pass the params file (params.yaml)") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise SanitizeError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
+        raw = yaml.load(text.decode("utf-8"), Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
+        raise SanitizeError(f"{path}: not valid YAML: {str(err)[:300]}".replace("\n", " ")) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -229,9 +280,9 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
         return Params.model_validate(raw)
     except ValidationError as err:
         problems = []
-        for e in err.errors(include_url=False):
+        for e in err.errors(include_url=False)[:5]:
             key = ".".join(str(part) for part in e["loc"]) or "(top level)"
-            problems.append(f"{key}: {e['msg']} (got {str(e.get('input'))[:80]!r})")
+            problems.append(f"{key}: {e['msg']} (got {_shown(e.get('input'))})")
         raise SanitizeError(f"{path}: " + "; ".join(problems)) from None
 
 

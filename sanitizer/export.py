@@ -60,7 +60,8 @@ def write_guard_onnx(guard, report: dict, image_shape, path: Path, opset: int, m
             "detectors": json.dumps(report["detectors"]), "left_out": json.dumps(report["left_out"]),
             "image_shape": json.dumps(list(image_shape)),
             "outputs": "score float32 [N] (largest calibrated detector score), flag bool [N] (score > threshold)",
-            **{k: model_meta[k] for k in ("data_hash", "clean_data_hash", "params_hash", "class_names", "input")}}
+            **{k: model_meta[k] for k in ("run", "data_hash", "clean_data_hash", "params_hash", "class_names",
+                                          "input")}}
     with atomic_path(path) as tmp:
         export_guard(guard, image_shape, tmp, opset, meta)
         scores, _ = onnx_guard(tmp)[0](calibration)

@@ -18,9 +18,7 @@ from sanitizer.sources import open_image
 
 def read_image(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
     """An image file as uint8 H x W x C in the model's shape, or a SanitizeError naming the file."""
-    if not path.is_file():
-        raise SanitizeError(f"{path}: no such image file")
-    arr, _ = open_image(path)
+    arr, _, _ = open_image(path)
     h, w, c = shape
     if arr.shape[2] != c and c == 3:
         arr = np.repeat(arr, 3, axis=2)  # a grayscale image given to an RGB model

@@ -15,9 +15,11 @@ from sanitizer.config import Params
 from sanitizer.data import Store, calibration_split, make_store
 from sanitizer.errors import SanitizeError
 from sanitizer.rules import DataRules, decide
-from sanitizer.sources import Source, read_source
+from sanitizer.sources import MAX_CLASSES, Source, read_source
+from sanitizer.untrusted import check_names
 
-MAX_INFERRED_CLASSES = 10_000
+EXAMPLE_IDS = 10  # ids shown per group of identical images
+MIN_TRAIN_PER_CLASS = 5  # unlearning's held-out share and the guard's per-class statistics need a few of each
 
 
 def resolve_class_names(params: Params, source: Source) -> list[str]:
@@ -26,10 +28,10 @@ def resolve_class_names(params: Params, source: Source) -> list[str]:
     if source.class_names:
         return list(source.class_names)
     top = int(max(source.train.y.max(), 0))
-    if top >= MAX_INFERRED_CLASSES:
+    if top >= MAX_CLASSES:
         i = int(source.train.y.argmax())
         raise SanitizeError(f"sample {source.train.ids[i]!r} has label {top}: labels must be class indices "
-                            f"0..K-1 (K <= {MAX_INFERRED_CLASSES}); fix the labels or set data.classes")
+                            f"0..K-1 (K <= {MAX_CLASSES}); fix the labels or set data.classes")
     return [str(i) for i in range(top + 1)]
 
 
@@ -96,18 +98,27 @@ def duplicate_report(table: pd.DataFrame) -> dict:
     dups = groups[groups.map(len) > 1]
     split_of = dict(zip(table["id"], table["split"]))
     cross = [ids for ids in dups if len({split_of[i] for i in ids}) > 1]
-    for ids in list(dups)[:3]:
+    shown = [ids[:EXAMPLE_IDS] + ([f"... {len(ids) - EXAMPLE_IDS} more"] if len(ids) > EXAMPLE_IDS else [])
+             for ids in list(dups)[:5]]  # bounded: a set of identical images must not make a huge report
+    for ids in shown[:3]:
         print(f"[ingest] note: identical images {ids}", file=sys.stderr)
     return {"duplicate_groups": int(len(dups)), "duplicate_samples": int(sum(map(len, dups))),
-            "train_test_duplicate_groups": len(cross), "examples": [list(g) for g in list(dups)[:5]]}
+            "train_test_duplicate_groups": len(cross), "examples": shown}
 
 
 def read_and_validate(params: Params) -> tuple[Store, Store, dict, list[str]]:
     """Read the source and validate it: (train, test, validation report, reader notes), or SanitizeError."""
-    source = read_source(params.data.source, params.data.path, params.data.test_size, params.seed)
+    source = read_source(params.data.source, params.data.path, params.data.test_size, params.seed,
+                         params.advanced.limits)
     class_names = resolve_class_names(params, source)
     label_source = "data.classes" if params.data.classes else ("class names in the source" if source.class_names
                                                                else "inferred from the largest train label")
+    check_names(class_names, "class name", f"{label_source}", "rename the class")
+    if len(class_names) < 2:
+        raise SanitizeError(f"data validation failed: one class ({ascii(class_names[0])}; {label_source}); a backdoor "
+                            "defense needs at least 2 classes")
+    check_names([*source.train.ids, *source.test.ids], "sample id", params.data.path or params.data.source,
+                "rename the file")
     train = make_store(source.train.x, source.train.y, source.train.ids, class_names)
     test = make_store(source.test.x, source.test.y, source.test.ids, class_names)
     table = pd.concat([sample_table(train, "train"), sample_table(test, "test")], ignore_index=True)
@@ -116,6 +127,11 @@ def read_and_validate(params: Params) -> tuple[Store, Store, dict, list[str]]:
     if missing:
         raise SanitizeError(f"data validation failed: class(es) {[class_names[i] for i in missing]} have no training "
                             f"samples; add samples or fix the class list ({label_source})")
+    counts = np.bincount(train.labels, minlength=len(class_names))
+    if counts.min() < MIN_TRAIN_PER_CLASS:
+        c = int(counts.argmin())
+        raise SanitizeError(f"data validation failed: class {ascii(class_names[c])} has {counts[c]} training sample(s); "
+                            f"isolation, unlearning and the guard need at least {MIN_TRAIN_PER_CLASS} a class")
     return train, test, {**validation, "duplicates": duplicate_report(table)}, source.notes
 
 
@@ -169,6 +185,10 @@ def ingest(params: Params) -> Ingested:
     # Validated as one test split, then split: the guard is calibrated on data no stage trains on and the gate does
     # not score.
     kept, held = calibration_split(test.labels, params.data.calibration_size, params.seed)
+    if not len(kept) or not len(held):
+        raise SanitizeError(f"params.yaml: data.calibration_size={params.data.calibration_size} leaves "
+                            f"{len(kept)} of the {len(test)} test images to score and {len(held)} to calibrate the "
+                            "guard; choose a share that leaves both, or add test images")
     adv = params.advanced.train
     rules, evidence = decide(train.x, train.labels, params.seed, adv.crop_padding, adv.flip)
     return Ingested(train, test.subset(kept), test.subset(held), table, validation, notes, truth_rows, canary_rows,

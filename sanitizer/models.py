@@ -85,12 +85,12 @@ def save_checkpoint(path: Path, model: SmallCNN, spec: dict, extra: dict) -> Non
         torch.save({"spec": spec, "state_dict": model.state_dict(), **extra}, tmp)
 
 
-def save_empty_checkpoint(path: Path, reason: str) -> None:
-    """A declared model output of a step that did not run: it holds no weights, only why."""
+def save_empty_checkpoint(path: Path, reason: str, run: str) -> None:
+    """A declared model output of a step that did not run: it holds no weights, only why (and its run, sanitizer/runs.py)."""
     from sanitizer.fileio import atomic_path
 
     with atomic_path(path) as tmp:
-        torch.save({"spec": None, "state_dict": None, "empty": reason}, tmp)
+        torch.save({"spec": None, "state_dict": None, "empty": reason, "run": run}, tmp)
 
 
 def load_checkpoint(path: Path, device: torch.device) -> tuple[SmallCNN, dict]:

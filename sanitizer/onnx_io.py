@@ -11,14 +11,27 @@ import numpy as np
 from sanitizer.errors import SanitizeError
 
 
+OUTPUTS = {"model": ("logits",), "guard": ("score", "flag")}  # each file's graph outputs, by what it is
+
+
 def open_session(path: Path, what: str):
+    """An onnxruntime session on `path`, refused unless it is a regular file holding the `what` ("model" or "guard")
+    graph: one input named "input" and the outputs OUTPUTS[what]."""
     import onnxruntime as ort
 
+    from sanitizer.untrusted import regular_file
+
+    fix = f"pass the {what} file (models/{'model' if what == 'model' else 'guard'}.onnx; `dvc repro` writes it)"
+    regular_file(path, fix)
     try:
-        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as err:  # noqa: BLE001 - missing, truncated or foreign file: one meaning
-        raise SanitizeError(f"{path}: not a loadable ONNX {what} ({type(err).__name__}); run `dvc repro` "
-                            "(the export stage writes it)") from None
+        raise SanitizeError(f"{path}: not a loadable ONNX {what} ({type(err).__name__}); {fix}") from None
+    inputs, outputs = [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()]
+    if inputs != ["input"] or not set(OUTPUTS[what]) <= set(outputs):
+        raise SanitizeError(f"{path}: an ONNX graph with inputs {inputs[:3]} and outputs {outputs[:3]}, not the {what} "
+                            f"(input 'input', outputs {list(OUTPUTS[what])}); {fix}")
+    return sess
 
 
 def input_batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:

@@ -8,6 +8,7 @@ run: ids(clean) + ids(quarantine) = ids(ingested), no overlap, hashes unchanged.
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import pandas as pd
 from sanitizer.data import Store
 from sanitizer.paths import SUSPECT_COLUMNS
 from sanitizer.errors import SanitizeError
+from sanitizer.untrusted import control_character, read_regular
 
 DECISIONS = ("release", "confirm")
 DECISION_COLUMNS = ["id", "decision", "note"]
@@ -23,33 +25,50 @@ MANIFEST_COLUMNS = ["id", "label", "class_name", "signal", "score", "rank", "fin
                     "quarantined", "note", "sha256", "image"]
 
 
+MAX_NOTE = 2000  # characters in a reviewer's note
+
+
 def read_decisions(path: Path, suspects: set[str]) -> dict[str, tuple[str, str]]:
-    """id -> (decision, note). Every problem names the row and the fix; nothing is guessed."""
-    if not path.exists():
+    """id -> (decision, note). Every problem names the row and the fix; nothing is guessed. The file is read only when
+    it is a regular file no larger than the suspects' decisions can be, and refused at its first bad row."""
+    if not path.exists() and not path.is_symlink():
         return {}
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            header = reader.fieldnames or []
-            missing = [c for c in ("id", "decision") if c not in header]
-            if missing:
-                raise SanitizeError(f"{path}: missing column(s) {missing}; the header must be {','.join(DECISION_COLUMNS)}")
-            rows = list(reader)
-    except (UnicodeDecodeError, csv.Error) as err:
-        raise SanitizeError(f"{path}: not a readable UTF-8 CSV ({err}); "
-                            f"header must be {','.join(DECISION_COLUMNS)}") from None
+    header_hint = f"the header must be {','.join(DECISION_COLUMNS)}"
+    limit = (4096 + len(suspects) * (4 * MAX_NOTE + 1024)) / (1 << 20)  # utf-8 takes at most 4 bytes a character
+    data = read_regular(path, limit, f"room for {len(suspects)} suspects' decisions with notes of up to {MAX_NOTE} "
+                        "characters", f"pass a decisions.csv ({header_hint})")
     decisions: dict[str, tuple[str, str]] = {}
-    for line, row in enumerate(rows, start=2):
-        sample_id, decision = (row.get("id") or "").strip(), (row.get("decision") or "").strip().lower()
-        if sample_id in decisions:
-            raise SanitizeError(f"{path}:{line}: id {sample_id!r} appears twice; keep one row per sample")
-        if decision not in DECISIONS:
-            raise SanitizeError(f"{path}:{line}: decision {row.get('decision')!r} for {sample_id!r} "
-                                f"is not one of {DECISIONS}")
-        if sample_id not in suspects:
-            raise SanitizeError(f"{path}:{line}: id {sample_id!r} is not among the flagged suspects; "
-                                "remove the row (see data/quarantine/quarantine.csv for the suspects)")
-        decisions[sample_id] = (decision, (row.get("note") or "").strip())
+    try:
+        reader = csv.reader(io.StringIO(data.decode("utf-8-sig"), newline=""), strict=True)  # -sig: Excel's BOM
+        header = [h.strip() for h in next(reader, [])]
+        missing = [c for c in ("id", "decision") if c not in header]
+        if missing:
+            raise SanitizeError(f"{path}: missing column(s) {missing}; {header_hint}")
+        for row in reader:
+            line = reader.line_num
+            if not row:
+                continue
+            cells = dict(zip(header, row))
+            sample_id, decision = cells.get("id", "").strip(), cells.get("decision", "").strip().lower()
+            note = cells.get("note", "").strip()
+            if len(row) > len(header):
+                raise SanitizeError(f"{path}:{line}: {len(row)} cells for {len(header)} columns; quote a note that "
+                                    "holds a comma")
+            if sample_id in decisions:
+                raise SanitizeError(f"{path}:{line}: id {ascii(sample_id)} appears twice; keep one row per sample")
+            if decision not in DECISIONS:
+                raise SanitizeError(f"{path}:{line}: decision {ascii(cells.get('decision'))[:40]} for "
+                                    f"{ascii(sample_id)[:80]} is not one of {DECISIONS}")
+            if sample_id not in suspects:
+                raise SanitizeError(f"{path}:{line}: id {ascii(sample_id)[:80]} is not among the flagged suspects; "
+                                    "remove the row (see data/quarantine/quarantine.csv for the suspects)")
+            if len(note) > MAX_NOTE or control_character(note):
+                raise SanitizeError(f"{path}:{line}: the note for {ascii(sample_id)} is over {MAX_NOTE} characters or "
+                                    "holds a line break or control character; shorten it to one plain line")
+            decisions[sample_id] = (decision, note)
+    except (UnicodeDecodeError, csv.Error) as err:
+        where = f"{path}:{reader.line_num}" if "reader" in locals() else str(path)
+        raise SanitizeError(f"{where}: not a readable UTF-8 CSV ({err}; an unclosed quote?); {header_hint}") from None
     return decisions
 
 

@@ -22,7 +22,8 @@ import pandas as pd
 from sanitizer import paths
 from sanitizer.errors import SanitizeError
 from sanitizer.fileio import write_csv
-from sanitizer.quarantine import DECISION_COLUMNS, DECISIONS, read_decisions
+from sanitizer.quarantine import DECISION_COLUMNS, DECISIONS, MAX_NOTE, read_decisions
+from sanitizer.untrusted import control_character, csv_text
 
 APPLY_HINT = "run `dvc repro` to apply (it re-runs quarantine, unlearn, export and gate)"
 
@@ -35,7 +36,7 @@ def load_manifest() -> pd.DataFrame:
 
 def save(manifest: pd.DataFrame, decisions: dict[str, tuple[str, str]]) -> None:
     order = {sample_id: k for k, sample_id in enumerate(manifest["id"])}
-    rows = sorted(((i, d, n) for i, (d, n) in decisions.items()), key=lambda r: order[r[0]])
+    rows = sorted(((i, d, csv_text(n)) for i, (d, n) in decisions.items()), key=lambda r: order[r[0]])
     write_csv(paths.DECISIONS_CSV, DECISION_COLUMNS, rows)
 
 
@@ -116,11 +117,15 @@ def main(argv: list[str]) -> int:
               f"{paths.DECISIONS_CSV}; {APPLY_HINT}")
     else:
         check_ids(args.ids, suspects)
+        note = getattr(args, "note", "").strip()
+        if len(note) > MAX_NOTE or control_character(note):
+            raise SanitizeError(f"--note: over {MAX_NOTE} characters or holds a line break or control character "
+                                f"({control_character(note)}); give one plain line ({paths.DECISIONS_CSV} unchanged)")
         for sample_id in args.ids:
             if args.action == "reset":
                 decisions.pop(sample_id, None)
             else:
-                decisions[sample_id] = (args.action, args.note.strip())
+                decisions[sample_id] = (args.action, note)
         save(manifest, decisions)
         print(f"{args.action}: {len(args.ids)} sample(s) in {paths.DECISIONS_CSV}; {APPLY_HINT}")
     return 0

@@ -8,6 +8,7 @@ and the class names when the source carries them.
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import re
 import struct
@@ -20,7 +21,12 @@ from typing import Optional
 
 import numpy as np
 
+from sanitizer.config import AdvancedLimits
 from sanitizer.errors import SanitizeError
+from sanitizer.untrusted import Limits, check_count, check_decoded, open_regular, read_regular, regular_file
+
+DEFAULT_LIMITS = AdvancedLimits()
+FILE_LIMIT = "advanced.limits.max_file_mb; raise it if the file is genuine"
 
 
 @dataclass
@@ -90,6 +96,18 @@ def _check_images(x: np.ndarray, where: str) -> np.ndarray:
     return x
 
 
+MAX_CLASSES = 10_000
+
+
+def _check_label_range(y: np.ndarray, where: str) -> np.ndarray:
+    """int64 labels, checked before the cast: uint64 labels would wrap to negative."""
+    bad = np.flatnonzero((y < 0) | (y >= MAX_CLASSES)) if len(y) else []
+    if len(bad):
+        raise SanitizeError(f"{where}: sample {int(bad[0])} has label {y[bad[0]]}; labels must be class indices "
+                            f"0..K-1 (K <= {MAX_CLASSES:,})")
+    return y.astype(np.int64)
+
+
 def _check_labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
     if y.ndim != 1:
         raise SanitizeError(f"{where}: shape {y.shape}, expected one integer label per image")
@@ -97,29 +115,59 @@ def _check_labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
         raise SanitizeError(f"{where}: labels are {y.dtype}, expected integers (class indices)")
     if len(y) != n:
         raise SanitizeError(f"{where}: {len(y)} labels for {n} images; x and y must have the same length")
-    return y.astype(np.int64)
+    return _check_label_range(y, where)
 
 
-def read_npz(path: Path) -> Source:
+def _npz_members(z, path: Path, keys: list[str], limits: Limits) -> None:
+    """Check the arrays' declared sizes (zip entry and .npy header) before any is read: numpy allocates what a
+    header declares before it reads a byte."""
+    names = {n[:-4] if n.endswith(".npy") else n: n for n in z.zip.namelist()}
+    decoded = stored = samples = 0
+    for key in keys:
+        info = z.zip.getinfo(names[key])
+        with z.zip.open(info) as fh:
+            version = np.lib.format.read_magic(fh)
+            shape, _, dtype = (np.lib.format.read_array_header_1_0(fh) if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0(fh))
+        declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if declared > info.file_size:
+            raise SanitizeError(f"{path}: {key} declares {shape} {dtype} ({declared:,} bytes) but holds "
+                                f"{info.file_size:,}; the archive is damaged; {NPZ_FIX}")
+        decoded, stored = decoded + info.file_size, stored + info.compress_size
+        samples += int(shape[0]) if key.startswith("x_") and len(shape) else 0
+    check_count(str(path), samples, limits)
+    check_decoded(str(path), decoded, stored, limits)
+
+
+def read_npz(path: Path, limits: Limits = DEFAULT_LIMITS) -> Source:
+    fh = open_regular(path, limits.max_file_mb, FILE_LIMIT, "set data.path to an .npz file")
     try:
-        z = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise SanitizeError(f"{path}: not found; set data.path to an existing .npz file") from None
+        z = np.load(fh, allow_pickle=False)
     except NPZ_ERRORS as err:
+        fh.close()
         raise SanitizeError(f"{path}: not a readable .npz file ({type(err).__name__}: {err}); {NPZ_FIX}") from None
     if not isinstance(z, np.lib.npyio.NpzFile):
+        fh.close()
         raise SanitizeError(f"{path}: a single .npy array, not an .npz archive; {NPZ_FIX}")
-    with z:
+    with fh, z:
         missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in z.files]
         if missing:
-            raise SanitizeError(f"{path}: missing arrays {missing} (found {sorted(z.files)}); {NPZ_FIX}")
+            raise SanitizeError(f"{path}: missing arrays {missing} (found {sorted(z.files)[:10]}); {NPZ_FIX}")
+        keys = ["x_train", "y_train", "x_test", "y_test"] + (["class_names"] if "class_names" in z.files else [])
         try:
-            arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-            names = [str(c) for c in z["class_names"]] if "class_names" in z.files else None
+            _npz_members(z, path, keys, limits)
+            arrays = {k: z[k] for k in keys}
         except NPZ_ERRORS as err:
             # allow_pickle=False also lands here for object arrays (e.g. images of mixed shapes).
-            raise SanitizeError(f"{path}: an array cannot be read ({err}); images must share one shape, "
-                                f"stored as plain uint8 arrays; {NPZ_FIX}") from None
+            raise SanitizeError(f"{path}: an array cannot be read ({type(err).__name__}: {err}); images must share "
+                                f"one shape, stored as plain uint8 arrays; {NPZ_FIX}") from None
+    names = None
+    if "class_names" in arrays:
+        raw_names = arrays["class_names"]
+        if raw_names.ndim != 1 or raw_names.dtype.kind not in "US":
+            raise SanitizeError(f"{path}: class_names must be a 1-D array of strings, got {raw_names.dtype} "
+                                f"{raw_names.shape}; {NPZ_FIX}")
+        names = [str(c) for c in raw_names]
     splits = []
     for split in ("train", "test"):
         x = _check_images(arrays[f"x_{split}"], f"{path}: x_{split}")
@@ -135,39 +183,61 @@ def read_npz(path: Path) -> Source:
 
 # ---------------------------------------------------------------- cifar10 python batches
 
-# The only globals a CIFAR-10 batch needs: numpy's array reconstruction. Anything else (os.system,
-# builtins.eval, ...) is refused before it is resolved, so a hostile pickle cannot run code.
+# The only globals a CIFAR-10 batch needs: numpy's array reconstruction, each behind a guard. Anything else
+# (os.system, builtins.eval, ...) is refused before it is resolved, so a hostile pickle cannot run code; nor can it
+# call the array constructor itself (an allocation of any size) or look up a codec other than latin-1.
+_NDARRAY = object()  # stands for numpy.ndarray: `_reconstruct` takes it, nothing may call it
+
+
+def _reconstruct(cls, shape, dtype):
+    if cls is not _NDARRAY or not isinstance(shape, tuple) or any(not isinstance(n, int) or n != 0 for n in shape):
+        raise pickle.UnpicklingError("an array reconstruction other than numpy's pickle format")
+    return np.ndarray.__new__(np.ndarray, shape, dtype)
+
+
+def _latin1(text, encoding="utf-8"):
+    """_codecs.encode as protocol-2 pickles written by Python 3 use it: array bytes carried as latin-1 text."""
+    if not isinstance(text, str) or not isinstance(encoding, str) or \
+            encoding.lower().replace("-", "_") not in ("latin1", "latin_1"):
+        raise pickle.UnpicklingError(f"a codec other than latin-1 ({str(encoding)[:40]!r})")
+    return text.encode("latin-1")
+
+
+def _frombuffer(buf, dtype, shape, order):
+    return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)
+
+
 _ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("_codecs", "encode"),  # protocol-2 pickles written by Python 3 carry array bytes as latin-1 text
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct, ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer, ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy", "ndarray"): _NDARRAY, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1,
 }
+CIFAR_FIX = "use the batches from cifar-10-python.tar.gz unchanged"
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
+            return _ALLOWED_GLOBALS[module, name]
         raise pickle.UnpicklingError(f"refused to load global {module}.{name}")
 
 
-def restricted_load(path: Path):
+def restricted_load(path: Path, limits: Limits = DEFAULT_LIMITS):
+    data = read_regular(path, limits.max_file_mb, FILE_LIMIT, CIFAR_FIX)
     try:
-        data = path.read_bytes()
         return _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
-            KeyError, MemoryError, OverflowError, UnicodeDecodeError, ImportError) as err:
-        raise SanitizeError(f"{path}: not a valid CIFAR-10 python batch ({type(err).__name__}: {err}); "
-                            "use the batches from cifar-10-python.tar.gz unchanged") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            MemoryError, OverflowError, UnicodeDecodeError, ImportError, LookupError, RecursionError) as err:
+        raise SanitizeError(f"{path}: not a valid CIFAR-10 python batch ({type(err).__name__}: "
+                            f"{str(err)[:200]}); {CIFAR_FIX}") from None
 
 
 def _get(d: dict, key: str):
     return d.get(key.encode(), d.get(key))
 
 
-def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    d = restricted_load(path)
+def _read_cifar_batch(path: Path, limits: Limits) -> tuple[np.ndarray, np.ndarray]:
+    d = restricted_load(path, limits)
     if not isinstance(d, dict):
         raise SanitizeError(f"{path}: expected a dict with 'data' and 'labels', got {type(d).__name__}")
     data, labels = _get(d, "data"), _get(d, "labels")
@@ -184,28 +254,35 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except (TypeError, ValueError):
         raise SanitizeError(f"{path}: 'labels' must be integers") from None
     # CIFAR rows are channel-major: 1024 red, 1024 green, 1024 blue.
-    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), y.astype(np.int64)
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), _check_label_range(y, f"{path}: labels")
 
 
-def read_cifar10(root: Path) -> Source:
+def read_cifar10(root: Path, limits: Limits = DEFAULT_LIMITS) -> Source:
     if not root.is_dir():
         raise SanitizeError(f"{root}: not a directory; set data.path to the extracted cifar-10-batches-py folder")
+    root = root.resolve()
     train_files = sorted(root.glob("data_batch_*"))
     test_file = root / "test_batch"
-    if not train_files or not test_file.is_file():
+    if not train_files or not test_file.exists():
         raise SanitizeError(f"{root}: expected data_batch_1..5 and test_batch (the cifar-10-batches-py folder)")
-    splits = []
+    meta = root / "batches.meta"
+    for f in [*train_files, test_file] + ([meta] if meta.exists() or meta.is_symlink() else []):
+        if not _inside(f, root):
+            raise SanitizeError(f"{f}: a link leading outside {root}; copy the file into the folder instead")
+    splits, n = [], 0
     for files in (train_files, [test_file]):
         xs, ys, ids = [], [], []
         for f in files:
-            x, y = _read_cifar_batch(f)
+            x, y = _read_cifar_batch(f, limits)
+            n += len(y)
+            check_count(str(root), n, limits)
             xs.append(x), ys.append(y)
             ids += [f"{f.name}-{i:05d}" for i in range(len(y))]
         splits.append(Raw(np.concatenate(xs), np.concatenate(ys), ids))
     names = None
-    if (root / "batches.meta").is_file():
-        meta = restricted_load(root / "batches.meta")
-        raw_names = _get(meta, "label_names") if isinstance(meta, dict) else None
+    if meta.exists():
+        loaded = restricted_load(meta, limits)
+        raw_names = _get(loaded, "label_names") if isinstance(loaded, dict) else None
         if isinstance(raw_names, list) and all(isinstance(n, (bytes, str)) for n in raw_names):
             names = [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in raw_names]
     return Source(splits[0], splits[1], names, [])
@@ -213,45 +290,107 @@ def read_cifar10(root: Path) -> Source:
 
 # ---------------------------------------------------------------- imagefolder
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}  # suffix -> the only format read from it
+IMAGE_FIX = "replace or remove the file"
 # Class names become file names, CSV cells and HTML: letters, digits and a few separators only.
-CLASS_NAME = re.compile(r"^[^\W_][\w .+-]{0,63}$")
+CLASS_NAME = re.compile(r"[^\W_][\w .+-]{0,63}")
+EXIF_ORIENTATION = 0x0112
 
 
 def _inside(path: Path, root: Path) -> bool:
     try:
         path.resolve(strict=True).relative_to(root)
         return True
-    except (ValueError, OSError):
+    except (ValueError, OSError, RuntimeError):  # RuntimeError: a link loop, before Python 3.13
         return False
 
 
-def open_image(path: Path) -> tuple[np.ndarray, str]:
+@dataclass
+class ImageFile:
+    path: Path
+    size: tuple[int, int]  # declared width, height
+    bands: int
+    stored: int  # bytes on disk
+
+
+def _open(path: Path, fh, limits: Limits):
+    """The image's header only (Pillow decodes lazily), in the one format its suffix names."""
     from PIL import Image
 
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise SanitizeError(f"{path}: not a .png/.jpg/.jpeg file; {IMAGE_FIX}")
+    too_big = SanitizeError(f"{path}: declares more pixels than advanced.limits.max_image_pixels "
+                            f"({limits.max_image_pixels:,}); raise it if the image is genuine")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.verify()  # structure and checksums; the image must be reopened afterwards
-            with Image.open(path) as img:
-                img.load()  # decodes every pixel: catches truncation that verify() lets through
-                mode = img.mode
-                if mode in ("1", "L", "LA", "I;16", "I"):
-                    arr = np.asarray(img.convert("L"))[..., None] if mode in ("1", "L", "LA") else None
-                elif mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
-                    arr = np.asarray(img.convert("RGB"))
-                else:
-                    arr = None
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit, next, is the lower
+            img = Image.open(fh, formats=[fmt])
+    except Image.DecompressionBombError:
+        raise too_big from None
     except Exception as err:  # noqa: BLE001 - image decoders raise many types on hostile files; one meaning
-        raise SanitizeError(f"{path}: not a readable PNG/JPEG image ({err}); replace or remove the file") from None
+        detail = f"no {fmt} header, as its suffix says" if "cannot identify" in str(err) else str(err)[:200]
+        raise SanitizeError(f"{path}: not a readable PNG/JPEG image ({detail}); {IMAGE_FIX}") from None
+    if img.size[0] * img.size[1] > limits.max_image_pixels:
+        img.close()
+        raise too_big
+    return img
+
+
+def image_header(path: Path, limits: Limits = DEFAULT_LIMITS) -> ImageFile:
+    with open_regular(path, limits.max_file_mb, FILE_LIMIT, IMAGE_FIX) as fh:
+        with _open(path, fh, limits) as img:
+            return ImageFile(path, img.size, len(img.getbands()), os.fstat(fh.fileno()).st_size)
+
+
+def open_image(path: Path, limits: Limits = DEFAULT_LIMITS,
+               size: tuple[int, int] | None = None) -> tuple[np.ndarray, str, list[str]]:
+    """(uint8 H x W x C pixels, the file's mode, remarks: what was changed or ignored) of a PNG or JPEG file, refused
+    before decoding when it declares more pixels than the limit or a size other than `size`."""
+    from PIL import Image
+
+    remarks = []
+    with open_regular(path, limits.max_file_mb, FILE_LIMIT, IMAGE_FIX) as fh:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with _open(path, fh, limits) as img:
+                    if size is not None and img.size != size:
+                        raise SanitizeError(
+                            f"{path}: image is {img.size[0]}x{img.size[1]} but the first train image is "
+                            f"{size[0]}x{size[1]}; resize it or remove it (the pipeline does not resize: resizing "
+                            "could hide or create a trigger)")
+                    img.verify()  # structure and checksums; the image must be reopened afterwards
+                fh.seek(0)
+                with _open(path, fh, limits) as img:
+                    rawmode = img.tile[0][3] if img.tile and len(img.tile[0]) > 3 else ""
+                    if ";16" in str(rawmode):
+                        remarks.append("16-bit channels cut to 8 bits")
+                    if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                        remarks.append("EXIF orientation tag ignored (pixels read as stored, not rotated)")
+                    img.load()  # decodes every pixel: catches truncation that verify() lets through
+                    mode = img.mode
+                    if mode in ("1", "L", "LA"):
+                        arr = np.asarray(img.convert("L"))[..., None]
+                    elif mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
+                        arr = np.asarray(img.convert("RGB"))
+                    else:
+                        arr = None
+        except SanitizeError:
+            raise
+        except Exception as err:  # noqa: BLE001 - image decoders raise many types on hostile files; one meaning
+            raise SanitizeError(f"{path}: not a readable PNG/JPEG image ({str(err)[:200]}); {IMAGE_FIX}") from None
     if arr is None:
         raise SanitizeError(f"{path}: image mode {mode} is not supported; save it as 8-bit grayscale or RGB")
-    return arr, mode
+    if mode not in ("L", "RGB"):
+        remarks.append(f"{mode} converted to 8-bit {'gray' if arr.shape[2] == 1 else 'RGB'}")
+    return arr, mode, remarks
 
 
-def _read_image_split(split_dir: Path, root: Path, class_names: list[str]) -> tuple[list, list, list, list]:
-    images, labels, ids, converted = [], [], [], []
+def _list_split(split_dir: Path, root: Path, class_names: list[str], skipped: list[str]) -> list[tuple[Path, int]]:
+    """(file, label) of every image in the split's class folders; hidden entries are left out and listed in
+    `skipped`."""
+    files = []
     for label, name in enumerate(class_names):
         class_dir = split_dir / name
         if not class_dir.exists():
@@ -261,71 +400,84 @@ def _read_image_split(split_dir: Path, root: Path, class_names: list[str]) -> tu
             try:
                 rel.encode("utf-8")
             except UnicodeEncodeError:
-                raise SanitizeError(f"{class_dir}: a file name is not valid UTF-8 ({rel!r}); rename it") from None
+                raise SanitizeError(f"{class_dir}: a file name is not valid UTF-8 ({ascii(rel)}); rename it") from None
             if f.name.startswith("."):
-                continue  # hidden files (.DS_Store, editor swap files) are not samples
-            if not _inside(f, root):
-                raise SanitizeError(f"{f}: a link leading outside {root}; copy the image into the folder instead")
+                skipped.append(rel)  # .DS_Store, editor swap files: not samples
+                continue
             if f.is_dir():
                 raise SanitizeError(f"{f}: nested folders are not supported; put images directly in {class_dir}")
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
-                raise SanitizeError(f"{f}: not a .png/.jpg/.jpeg file; remove it or move it out of {root}")
-            arr, mode = open_image(f)
-            if mode not in ("L", "RGB"):
-                converted.append(f"{rel} ({mode})")
-            images.append(arr), labels.append(label), ids.append(rel)
-    return images, labels, ids, converted
+            regular_file(f, IMAGE_FIX)  # a FIFO, a device, a broken link or a loop
+            if not _inside(f, root):
+                raise SanitizeError(f"{f}: a link leading outside {root}; copy the image into the folder instead")
+            files.append((f, label))
+    return files
 
 
-def read_imagefolder(root: Path) -> Source:
+def _summarise(remarks: dict[str, list[str]], split: str) -> list[str]:
+    return [f"{len(ids)} {split} image(s): {remark}, e.g. {ids[0]}" for remark, ids in remarks.items()]
+
+
+def read_imagefolder(root: Path, limits: Limits = DEFAULT_LIMITS) -> Source:
     if not root.is_dir():
         raise SanitizeError(f"{root}: not a directory; set data.path to a folder with train/<class>/ and test/<class>/")
     root = root.resolve()
     for split in ("train", "test"):
         if not (root / split).is_dir() or not _inside(root / split, root):
             raise SanitizeError(f"{root}: missing {split}/ folder; expected train/<class>/*.png and test/<class>/*.png")
-    class_names = []
+    class_names, skipped = [], []
     for d in sorted((root / "train").iterdir()):
         if d.name.startswith("."):
+            skipped.append(f"train/{d.name}")
             continue
         if not d.is_dir() or not _inside(d, root):
             raise SanitizeError(f"{d}: expected only class folders in {root / 'train'}; move files or links out")
-        if not CLASS_NAME.match(d.name):
-            raise SanitizeError(f"{d}: class folder name {d.name!r} has characters other than letters, digits, "
-                                "space, '.', '_', '+', '-' (or is over 64 characters); rename the folder")
+        if not CLASS_NAME.fullmatch(d.name):
+            raise SanitizeError(f"{root / 'train'}: class folder name {ascii(d.name)} has characters other than "
+                                "letters, digits, space, '.', '_', '+', '-' (or is over 64 characters); rename the "
+                                "folder")
         class_names.append(d.name)
     if len(class_names) < 2:
         raise SanitizeError(f"{root / 'train'}: found {len(class_names)} class folder(s); need at least 2")
     for d in (root / "test").iterdir():
-        if not d.name.startswith(".") and d.name not in class_names:
-            raise SanitizeError(f"{d}: test class {d.name!r} has no train folder; classes are {class_names}")
-    splits, notes = [], []
-    for split in ("train", "test"):
-        images, labels, ids, converted = _read_image_split(root / split, root, class_names)
-        if not images:
+        if d.name.startswith("."):
+            skipped.append(f"test/{d.name}")
+        elif d.name not in class_names:
+            raise SanitizeError(f"{root / 'test'}: test class {ascii(d.name)} has no train folder; classes are "
+                                f"{class_names}")
+    listed = [_list_split(root / split, root, class_names, skipped) for split in ("train", "test")]
+    for split, files in zip(("train", "test"), listed):
+        if not files:
             raise SanitizeError(f"{root / split}: no images found; add .png/.jpg files to its class folders")
-        if converted:
-            notes.append(f"{len(converted)} {split} image(s) converted to 8-bit gray/RGB, e.g. {converted[0]}")
-        splits.append((images, labels, ids))
+    # Every size is checked from the headers before a pixel is decoded.
+    check_count(str(root), sum(map(len, listed)), limits)
+    headers = [image_header(f, limits) for files in listed for f, _ in files]
+    check_decoded(str(root), sum(h.size[0] * h.size[1] * min(h.bands, 3) for h in headers),
+                  sum(h.stored for h in headers), limits)
+    size = headers[0].size
+    notes = [f"skipped {len(skipped)} hidden file(s) or folder(s), e.g. {ascii(skipped[0])}"] if skipped else []
+    splits = []
+    for split, files in zip(("train", "test"), listed):
+        images, remarks = [], {}
+        for f, _ in files:
+            arr, _, said = open_image(f, limits, size)
+            images.append(arr)
+            for remark in said:
+                remarks.setdefault(remark, []).append(f.relative_to(root).as_posix())
+        notes += _summarise(remarks, split)
+        splits.append(images)
     # Color wins: if any image is RGB, gray images are repeated to three channels.
-    channels = max(img.shape[2] for images, _, _ in splits for img in images)
-    expected = splits[0][0][0].shape[:2]
+    channels = max(img.shape[2] for images in splits for img in images)
     raws = []
-    for images, labels, ids in splits:
-        for img, sample_id in zip(images, ids):
-            if img.shape[:2] != expected:
-                raise SanitizeError(
-                    f"{root / sample_id}: image is {img.shape[1]}x{img.shape[0]} but {splits[0][2][0]} (the first "
-                    f"train image) is {expected[1]}x{expected[0]}; resize it or remove it "
-                    "(the pipeline does not resize: resizing could hide or create a trigger)"
-                )
+    for images, files in zip(splits, listed):
         x = np.stack([np.repeat(img, channels // img.shape[2], axis=2) for img in images]).astype(np.uint8)
-        raws.append(Raw(x, np.asarray(labels, dtype=np.int64), ids))
+        raws.append(Raw(x, np.array([label for _, label in files], dtype=np.int64),
+                        [f.relative_to(root).as_posix() for f, _ in files]))
     return Source(raws[0], raws[1], class_names, notes)
 
 
-def read_source(source: str, path: Optional[str], test_size: float, seed: int) -> Source:
+def read_source(source: str, path: Optional[str], test_size: float, seed: int,
+                limits: Limits = DEFAULT_LIMITS) -> Source:
     if source == "digits":
         return read_digits(test_size, seed)
     readers = {"npz": read_npz, "cifar10": read_cifar10, "imagefolder": read_imagefolder}
-    return readers[source](Path(path))
+    return readers[source](Path(path), limits)

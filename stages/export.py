@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from sanitizer import paths
+from sanitizer import paths, runs
 from sanitizer.config import Params, params_hash
 from sanitizer.data import load_store, store_hash
 from sanitizer.export import write_guard_onnx, write_model_onnx
@@ -26,12 +26,14 @@ EARLIER = ("ingest", "isolate", "recheck", "quarantine", "unlearn")
 
 
 def run(params: Params) -> None:
+    runs.check_inputs(*EARLIER)
+    run_id = runs.start("export")
     cpu = torch.device("cpu")
     model, _ = load_checkpoint(paths.MODEL, cpu)
     model.eval()
     test, clean = load_store(paths.TEST_STORE), load_store(paths.CLEAN_STORE)
     meta = {
-        "producer": "backdoor-sanitizer", "data_hash": store_hash(load_store(paths.TRAIN_STORE)),
+        "producer": "backdoor-sanitizer", "run": run_id, "data_hash": store_hash(load_store(paths.TRAIN_STORE)),
         "clean_data_hash": store_hash(clean), "params_hash": params_hash(params),
         "class_names": json.dumps(list(test.class_names)), "input": "float32 [N,C,H,W] in [0,1]",
         "metrics": json.dumps({s: json.loads(paths.metrics_file(s).read_text(encoding="utf-8")) for s in EARLIER},
@@ -46,7 +48,7 @@ def run(params: Params) -> None:
                                 clean, load_store(paths.QUARANTINE_STORE), calibration, cpu, len(test))
     worst = write_guard_onnx(guard, report, test.image_shape, paths.GUARD_ONNX, opset, meta, calibration.x)
     report = {**{k: v for k, v in report.items() if k != "calibration_hash"}, "max_rel_diff": worst}
-    write_json(paths.metrics_file("export"), {"max_abs_diff": max_diff, "atol": atol, "opset": opset,
+    write_json(paths.metrics_file("export"), {"run": run_id, "max_abs_diff": max_diff, "atol": atol, "opset": opset,
                                                "parity_batches": list(PARITY_BATCHES),
                                                "params_hash": meta["params_hash"], "data_hash": meta["data_hash"],
                                                "guard": report})

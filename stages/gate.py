@@ -14,7 +14,7 @@ import sys
 
 import pandas as pd
 
-from sanitizer import paths
+from sanitizer import paths, runs
 from sanitizer.config import Params
 from sanitizer.data import load_store, write_png
 from sanitizer.errors import GateFailed, SanitizeError
@@ -57,6 +57,8 @@ def scan_release(params: Params, test, predict) -> dict | None:
 
 
 def run(params: Params) -> None:
+    runs.check_inputs("ingest", "quarantine", "unlearn", "export")
+    run_id = runs.start("gate")
     test = load_store(paths.TEST_STORE)
     predict = onnx_predictor(paths.ONNX_MODEL)
     gp, rt = params.gate, params.redteam
@@ -78,7 +80,7 @@ def run(params: Params) -> None:
     guard = guard_rates(params, test, checks, shipped_guard)
     passed = all(c["passed"] for c in checks)
     write_json(paths.metrics_file("gate"), {
-        "passed": passed, "clean_accuracy": round(ca, 4), "min_clean_accuracy": gp.min_clean_accuracy,
+        "run": run_id, "passed": passed, "clean_accuracy": round(ca, 4), "min_clean_accuracy": gp.min_clean_accuracy,
         "asr": {k: round(v, 4) for k, v in asr.items()}, "max_asr": gp.max_asr,
         "target": {door.name: door.target for door in backdoors(rt)}, "canaries": canaries, "scan": scan,
         "n_test": len(test), "guard": guard, "checks": checks,

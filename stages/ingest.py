@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from collections import Counter
 
-from sanitizer import paths
+from sanitizer import paths, runs
 from sanitizer.config import Params
 from sanitizer.data import save_store, store_hash
 from sanitizer.fileio import atomic_dir, write_csv, write_json
@@ -18,6 +18,7 @@ from sanitizer.ingestion import ingest, redteam_test_set
 
 
 def run(params: Params) -> None:
+    run_id = runs.start("ingest")
     data = ingest(params)
     train, test, calibration, rules, evidence = data.train, data.test, data.calibration, data.rules, data.evidence
     with atomic_dir(paths.INGESTED) as out:
@@ -31,9 +32,11 @@ def run(params: Params) -> None:
                   data.truth_rows)
         write_csv(out / paths.CANARY_TRUTH.name, TRUTH_COLUMNS, data.canary_rows)
         write_json(out / paths.RULES_JSON.name, {"rules": rules.as_dict(), "evidence": evidence})
+        runs.mark(out, run_id)
     counts, class_names = Counter(train.labels.tolist()), list(train.class_names)
     roles = Counter(row[-1] for row in data.truth_rows)
     write_json(paths.metrics_file("ingest"), {
+        "run": run_id,
         "n_train": len(train), "n_test": len(test), "n_calibration": len(calibration), "n_classes": len(class_names),
         "image_shape": list(train.image_shape), "data_hash": store_hash(train),
         "train_class_counts": {class_names[k]: counts[k] for k in sorted(counts)},

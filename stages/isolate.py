@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from sanitizer import paths
+from sanitizer import paths, runs
 from sanitizer.config import Params
 from sanitizer.data import load_store
 from sanitizer.fileio import atomic_dir, write_csv, write_json
@@ -24,6 +24,8 @@ from sanitizer.train import pick_device
 
 
 def run(params: Params) -> None:
+    runs.check_inputs("ingest")
+    run_id = runs.start("isolate")
     device = pick_device(params.device)
     store = load_store(paths.TRAIN_STORE)
     result = isolate(params, store, load_rules(), device)
@@ -48,7 +50,8 @@ def run(params: Params) -> None:
         scores.to_csv(out / paths.SCORES_CSV.name, index=False)
         isolation_table(result, store).to_csv(out / paths.ISOLATED_CSV.name, index=False)
         write_json(out / paths.SELECTION_JSON.name, result.report)
-    save_checkpoint(paths.ISOLATE_MODEL, result.model, result.spec, {"seed": params.seed})
+        runs.mark(out, run_id)
+    save_checkpoint(paths.ISOLATE_MODEL, result.model, result.spec, {"seed": params.seed, "run": run_id})
 
     # Mean loss per epoch of the isolated and the kept samples: the ABL signature, for `dvc plots`.
     write_csv(paths.PLOTS / "isolate_loss.csv", ["epoch", "isolated", "kept"], [
@@ -64,7 +67,7 @@ def run(params: Params) -> None:
                                                       ", geometric mean over the isolation epochs"),
                         isolated, paths.PLOTS, lambda v: f"cut: loss {10 ** v:.2g}")
     quality = isolation_quality(store.ids[isolated], poisoned_ids())  # metrics only: the choice never saw it
-    write_json(paths.metrics_file("isolate"), {"device": device.type, "selection": result.report,
+    write_json(paths.metrics_file("isolate"), {"run": run_id, "device": device.type, "selection": result.report,
                                                 "n_isolated": int(len(isolated)),
                                                 "isolated": class_shares(store.labels[isolated], store.class_names),
                                                 **quality, "detectors": list(result.signals), **result.seconds})

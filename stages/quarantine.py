@@ -13,16 +13,19 @@ import sys
 import numpy as np
 import pandas as pd
 
-from sanitizer import paths
+from sanitizer import paths, runs
 from sanitizer.config import Params
 from sanitizer.data import load_store, save_arrays, save_store, write_png
 from sanitizer.fileio import atomic_dir, write_json, write_text
 from sanitizer.metrics import canary_ids
 from sanitizer.quarantine import MANIFEST_COLUMNS, merge_suspects, partition, read_decisions, typical_kept
 from sanitizer.review_page import DETECTOR_COLUMNS, write_review_page
+from sanitizer.untrusted import csv_text
 
 
 def run(params: Params) -> None:
+    runs.check_inputs("ingest", "isolate", "recheck")
+    run_id = runs.start("quarantine")
     store = load_store(paths.TRAIN_STORE)
     read = dict(dtype={"id": str}, keep_default_na=False)
     suspects = merge_suspects(pd.read_csv(paths.ISOLATED_CSV, **read), pd.read_csv(paths.FLAGGED_CSV, **read))
@@ -47,7 +50,7 @@ def run(params: Params) -> None:
                          "signal": r.signal, "score": float(r.score), "rank": int(evidence["rank"]),
                          "final_loss": float(evidence["final_loss"]), "suspicion": float(evidence["suspicion"]),
                          **{d: float(evidence[d]) for d in detectors},
-                         "decision": decision, "quarantined": int(decision != "release"), "note": note,
+                         "decision": decision, "quarantined": int(decision != "release"), "note": csv_text(note),
                          "sha256": store.sha256[i], "image": image})
         pd.DataFrame(rows, columns=columns).to_csv(out / paths.QUARANTINE_CSV.name, index=False)
         kept_rows = []
@@ -58,6 +61,7 @@ def run(params: Params) -> None:
             kept_rows.append((sample_id, label, image))
         pd.DataFrame(kept_rows, columns=["id", "label", "image"]).to_csv(out / paths.KEPT_CSV.name, index=False)
         save_store(out / paths.QUARANTINE_STORE.name, quarantined)
+        runs.mark(out, run_id)
     canaries = canary_ids()  # the accounting and the user's cleaned data leave them out; no choice above read them
     users = clean.subset(np.flatnonzero(~np.isin(clean.ids, list(canaries))))
     with atomic_dir(paths.CLEAN) as out:
@@ -68,9 +72,10 @@ def run(params: Params) -> None:
             write_text(out / paths.KEPT_PATHS.name, "".join(f"{i}\n" for i in users.ids))
         else:
             save_arrays(out / paths.CLEAN_ARRAYS.name, users)
+        runs.mark(out, run_id)
     by_signal = suspects.loc[~suspects["id"].isin(released), "signal"].value_counts().to_dict()
     # n_ingested = n_clean + n_quarantined, each counting canaries; n_canaries = n_canaries_clean + ..._quarantined.
-    summary = {"n_ingested": len(store), "n_clean": len(clean), "n_quarantined": len(quarantined),
+    summary = {"run": run_id, "n_ingested": len(store), "n_clean": len(clean), "n_quarantined": len(quarantined),
                "n_canaries": len(canaries), "n_canaries_clean": len(clean) - len(users),
                "n_canaries_quarantined": len(canaries) - (len(clean) - len(users)), "n_cleaned_data": len(users),
                "n_released": len(released), "n_confirmed": sum(d == "confirm" for d, _ in decisions.values()),

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from sanitizer import paths
+from sanitizer import paths, runs
 from sanitizer.config import Params
 from sanitizer.data import load_store
 from sanitizer.fileio import atomic_dir, write_csv, write_json
@@ -26,6 +26,8 @@ from sanitizer.unlearning import unlearning_for
 
 
 def run(params: Params) -> None:
+    runs.check_inputs("ingest", "isolate")
+    run_id = runs.start("recheck")
     evidence = json.loads(paths.SELECTION_JSON.read_text(encoding="utf-8")).get("evidence")
     u = unlearning_for(params)
     flagged, curve, report = flagged_table(None, None), [], {"ran": False}
@@ -39,17 +41,18 @@ def run(params: Params) -> None:
                            asr_watch(device))
         flagged = flagged_table(look, kept)
         curve, report = look.curve, {"ran": True, **look.report}
-        save_checkpoint(paths.RECHECK_MODEL, look.model, ckpt["spec"], {"seed": params.seed})
+        save_checkpoint(paths.RECHECK_MODEL, look.model, ckpt["spec"], {"seed": params.seed, "run": run_id})
     else:
         report["reason"] = (f"defense.method: {params.defense.method}" if params.defense.method != "full"
                             else f"isolation found evidence ({evidence})")
-        save_empty_checkpoint(paths.RECHECK_MODEL, report["reason"])
+        save_empty_checkpoint(paths.RECHECK_MODEL, report["reason"], run_id)
     with atomic_dir(paths.RECHECK) as out:
         flagged.to_csv(out / paths.FLAGGED_CSV.name, index=False)
         write_json(out / paths.RECHECK_JSON.name, report)
         columns = ["phase", "epoch", "loss", "clean_accuracy"] + (["asr"] if curve and "asr" in curve[0] else [])
         write_csv(out / paths.RECHECK_CURVE.name, columns, [[c[k] for k in columns] for c in curve])
+        runs.mark(out, run_id)
     quality = isolation_quality(flagged["id"], poisoned_ids()) if len(flagged) else {}
-    write_json(paths.metrics_file("recheck"), {**report, "n_flagged": len(flagged), **quality})
+    write_json(paths.metrics_file("recheck"), {"run": run_id, **report, "n_flagged": len(flagged), **quality})
     print(f"[recheck] {'flagged ' + str(len(flagged)) if report['ran'] else 'skipped: ' + report['reason']}"
           + "".join(f", {k}={v}" for k, v in quality.items()), file=sys.stderr)

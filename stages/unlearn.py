@@ -11,7 +11,7 @@ import json
 
 import pandas as pd
 
-from sanitizer import paths
+from sanitizer import paths, runs
 from sanitizer.config import Params
 from sanitizer.data import load_store
 from sanitizer.fileio import write_csv, write_json
@@ -24,6 +24,8 @@ from sanitizer.unlearning import after_second_look, sanitize, unlearning_for
 
 
 def run(params: Params) -> None:
+    runs.check_inputs("ingest", "isolate", "recheck", "quarantine")
+    run_id = runs.start("unlearn")
     device = pick_device(params.device)
     u, tp = unlearning_for(params), train_settings(params, load_rules())
     clean = load_store(paths.CLEAN_STORE)
@@ -41,10 +43,10 @@ def run(params: Params) -> None:
         # the quarantine store holds every suspect the reviewer did not release
         curve, report = sanitize(model, params, u, tp, clean, load_store(paths.QUARANTINE_STORE), device, evidence,
                                  watch)
-    save_checkpoint(paths.MODEL, model, ckpt["spec"], {"seed": params.seed})
+    save_checkpoint(paths.MODEL, model, ckpt["spec"], {"seed": params.seed, "run": run_id})
     columns = ["phase", "epoch", "loss", "clean_accuracy"] + (["asr"] if curve and "asr" in curve[0] else [])
     write_csv(paths.PLOTS / "unlearn.csv", ["step", *columns],
               [(k + 1, *(round(c[col], 6) if isinstance(c[col], float) else c[col] for col in columns))
                for k, c in enumerate(curve)])
     unlearn_plot(curve, paths.PLOTS / "unlearn.png", held_out=report.get("n_holdout", 0) > 0)
-    write_json(paths.metrics_file("unlearn"), {"device": device.type, "trained_on": len(clean), **report})
+    write_json(paths.metrics_file("unlearn"), {"run": run_id, "device": device.type, "trained_on": len(clean), **report})

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from conftest import copy_project, set_params, tool_env
 from stages import ingest, isolate, quarantine, recheck
 from sanitizer.config import load_params
 from sanitizer.data import load_store, store_hash
+from sanitizer.errors import SanitizeError
 
 WRITER = textwrap.dedent("""
     import hashlib, os
@@ -104,3 +106,51 @@ def test_outputs_get_the_mode_the_umask_gives(tmp_path, umask):
     assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o777 & ~umask
     assert (tmp_path / "folder/inside.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+class Killed(BaseException):
+    """What SIGKILL would do at that point: nothing after it runs (BaseException: no `except Exception` catches it)."""
+
+
+def test_quarantine_killed_between_its_two_folders_stops_a_later_stage(pipeline, tmp_path, monkeypatch):
+    from sanitizer import paths
+    from stages import unlearn
+
+    project = tmp_path / "p"
+    shutil.copytree(pipeline, project)
+    monkeypatch.chdir(project)
+    real = quarantine.atomic_dir
+
+    def dies_before_the_clean_set(path):
+        if Path(path) == paths.CLEAN:
+            raise Killed
+        return real(path)
+
+    monkeypatch.setattr(quarantine, "atomic_dir", dies_before_the_clean_set)
+    with pytest.raises(Killed):
+        quarantine.run(load_params())
+    monkeypatch.setattr(quarantine, "atomic_dir", real)
+    with pytest.raises(SanitizeError, match="quarantine.*re-run `dvc repro quarantine`"):
+        unlearn.run(load_params())
+    (project / "metrics/quarantine.json").write_text((pipeline / "metrics/quarantine.json").read_text())
+    with pytest.raises(SanitizeError, match="come from different runs of quarantine"):  # even with old metrics back
+        unlearn.run(load_params())
+
+
+def test_a_failed_stage_leaves_no_metrics_for_the_next_to_read(pipeline, tmp_path, monkeypatch):
+    from stages import export, unlearn
+
+    project = tmp_path / "p"
+    shutil.copytree(pipeline, project)
+    monkeypatch.chdir(project)
+
+    def fails(*args, **kwargs):
+        raise SanitizeError("unlearning failed")
+
+    monkeypatch.setattr(unlearn, "sanitize", fails)
+    monkeypatch.setattr(unlearn, "after_second_look", fails)
+    with pytest.raises(SanitizeError, match="unlearning failed"):
+        unlearn.run(load_params())
+    assert not (project / "metrics/unlearn.json").exists()
+    with pytest.raises(SanitizeError, match="unlearn.json: missing.*re-run `dvc repro unlearn`"):
+        export.run(load_params())

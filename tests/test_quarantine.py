@@ -20,8 +20,12 @@ from sanitizer.errors import SanitizeError
 def isolated_project(pipeline, project):
     for sub in ("data/ingested", "data/isolate", "data/recheck", "plots"):
         shutil.copytree(pipeline / sub, project / sub)
-    (project / "metrics").mkdir()
-    shutil.copy2(pipeline / "metrics/ingest.json", project / "metrics/ingest.json")
+    for stage in ("ingest", "isolate", "recheck"):  # each stage's outputs, of one run (sanitizer/runs.py)
+        (project / "metrics").mkdir(exist_ok=True)
+        shutil.copy2(pipeline / f"metrics/{stage}.json", project / f"metrics/{stage}.json")
+    (project / "models").mkdir()
+    for model in ("isolate.pt", "recheck.pt"):
+        shutil.copy2(pipeline / "models" / model, project / "models" / model)
     return project
 
 
