@@ -12,6 +12,7 @@ from sanitizer.errors import SanitizeError
 
 
 OUTPUTS = {"model": ("logits",), "guard": ("score", "flag")}  # each file's graph outputs, by what it is
+MAX_ONNX_MB = 2048  # protobuf's own limit on one file
 
 
 def open_session(path: Path, what: str):
@@ -19,12 +20,12 @@ def open_session(path: Path, what: str):
     graph: one input named "input" and the outputs OUTPUTS[what]."""
     import onnxruntime as ort
 
-    from sanitizer.untrusted import regular_file
+    from sanitizer.untrusted import read_regular
 
-    fix = f"pass the {what} file (models/{'model' if what == 'model' else 'guard'}.onnx; `dvc repro` writes it)"
-    regular_file(path, fix)
+    fix = f"pass the {what} file (models/{what}.onnx; `dvc repro` writes it)"
+    data = read_regular(path, MAX_ONNX_MB, "ONNX files' fixed limit", fix)  # the bytes checked are the bytes run
     try:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     except Exception as err:  # noqa: BLE001 - missing, truncated or foreign file: one meaning
         raise SanitizeError(f"{path}: not a loadable ONNX {what} ({type(err).__name__}); {fix}") from None
     inputs, outputs = [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()]

@@ -17,7 +17,7 @@ import pandas as pd
 from sanitizer.data import Store
 from sanitizer.paths import SUSPECT_COLUMNS
 from sanitizer.errors import SanitizeError
-from sanitizer.untrusted import control_character, read_regular
+from sanitizer.untrusted import control_character, from_csv_text, read_regular
 
 DECISIONS = ("release", "confirm")
 DECISION_COLUMNS = ["id", "decision", "note"]
@@ -26,6 +26,14 @@ MANIFEST_COLUMNS = ["id", "label", "class_name", "signal", "score", "rank", "fin
 
 
 MAX_NOTE = 2000  # characters in a reviewer's note
+
+
+def note_problem(note: str) -> str | None:
+    """Why a reviewer's note cannot be kept (None: it can): it is printed by `review list` and written to CSV."""
+    if len(note) > MAX_NOTE:
+        return f"is over {MAX_NOTE} characters; shorten it"
+    bad = control_character(note)
+    return None if bad is None else f"holds a line break or control character ({bad}); give one plain line"
 
 
 def read_decisions(path: Path, suspects: set[str]) -> dict[str, tuple[str, str]]:
@@ -50,7 +58,7 @@ def read_decisions(path: Path, suspects: set[str]) -> dict[str, tuple[str, str]]
                 continue
             cells = dict(zip(header, row))
             sample_id, decision = cells.get("id", "").strip(), cells.get("decision", "").strip().lower()
-            note = cells.get("note", "").strip()
+            note = from_csv_text(cells.get("note", "").strip())
             if len(row) > len(header):
                 raise SanitizeError(f"{path}:{line}: {len(row)} cells for {len(header)} columns; quote a note that "
                                     "holds a comma")
@@ -62,9 +70,8 @@ def read_decisions(path: Path, suspects: set[str]) -> dict[str, tuple[str, str]]
             if sample_id not in suspects:
                 raise SanitizeError(f"{path}:{line}: id {ascii(sample_id)[:80]} is not among the flagged suspects; "
                                     "remove the row (see data/quarantine/quarantine.csv for the suspects)")
-            if len(note) > MAX_NOTE or control_character(note):
-                raise SanitizeError(f"{path}:{line}: the note for {ascii(sample_id)} is over {MAX_NOTE} characters or "
-                                    "holds a line break or control character; shorten it to one plain line")
+            if note_problem(note):
+                raise SanitizeError(f"{path}:{line}: the note for {ascii(sample_id)[:80]} {note_problem(note)}")
             decisions[sample_id] = (decision, note)
     except (UnicodeDecodeError, csv.Error) as err:
         where = f"{path}:{reader.line_num}" if "reader" in locals() else str(path)

@@ -22,8 +22,8 @@ import pandas as pd
 from sanitizer import paths
 from sanitizer.errors import SanitizeError
 from sanitizer.fileio import write_csv
-from sanitizer.quarantine import DECISION_COLUMNS, DECISIONS, MAX_NOTE, read_decisions
-from sanitizer.untrusted import control_character, csv_text
+from sanitizer.quarantine import DECISION_COLUMNS, DECISIONS, note_problem, read_decisions
+from sanitizer.untrusted import csv_text
 
 APPLY_HINT = "run `dvc repro` to apply (it re-runs quarantine, unlearn, export and gate)"
 
@@ -118,9 +118,8 @@ def main(argv: list[str]) -> int:
     else:
         check_ids(args.ids, suspects)
         note = getattr(args, "note", "").strip()
-        if len(note) > MAX_NOTE or control_character(note):
-            raise SanitizeError(f"--note: over {MAX_NOTE} characters or holds a line break or control character "
-                                f"({control_character(note)}); give one plain line ({paths.DECISIONS_CSV} unchanged)")
+        if note_problem(note):
+            raise SanitizeError(f"--note {note_problem(note)} ({paths.DECISIONS_CSV} unchanged)")
         for sample_id in args.ids:
             if args.action == "reset":
                 decisions.pop(sample_id, None)

@@ -5,13 +5,13 @@ between two writes, or failed after some, it leaves outputs of two runs, which a
 without a word. So each run of a stage has an id that every one of its outputs carries (a `.run` file in an output
 folder, a "run" key in a JSON file, a checkpoint or an ONNX file's metadata), its metrics file, written last, is
 removed first (a failed run leaves none), and every stage checks, for each stage it reads from, that all of that
-stage's outputs carry one id (`check_inputs`).
+stage's outputs carry one id (`begin`). The id is a digest of what the run read (`run_id`), not a random one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import uuid
 from pathlib import Path
 
 from sanitizer import paths
@@ -30,10 +30,32 @@ OUTPUTS: dict[str, tuple[Path, ...]] = {
 }
 
 
-def start(stage: str) -> str:
-    """A new run of `stage`: its id. The stage's metrics file goes first, so that a run that fails leaves none."""
+def begin(stage: str, *reads: str) -> list[str]:
+    """Start a run of `stage`, which reads the outputs of the stages `reads`: refuse unless each of those carries one
+    run id, and remove this stage's metrics file, written last, so that a run that fails leaves none. Returns the
+    input run ids, for `run_id`."""
+    inputs = [check_outputs(other) for other in reads]
     paths.metrics_file(stage).unlink(missing_ok=True)
-    return f"{stage}-{uuid.uuid4().hex[:16]}"
+    return inputs
+
+
+def run_id(stage: str, params, inputs: list[str], *extra: str) -> str:
+    """This run's id: a digest of the stage, its params, its inputs' run ids, the code and `extra` (what else it reads,
+    e.g. the data's hash). Equal ids mean equal inputs, hence (the pipeline being deterministic) equal outputs, which
+    may be mixed; and a rerun on unchanged inputs writes unchanged outputs, so DVC does not rerun what follows."""
+    h = hashlib.sha256()
+    for part in (stage, params.model_dump_json(), *inputs, code_version(), *extra):
+        h.update(part.encode("utf-8") + b"\0")
+    return f"{stage}-{h.hexdigest()[:16]}"
+
+
+def code_version() -> str:
+    """sha256 of the library's and the stages' source, which every stage runs."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted([*root.glob("sanitizer/*.py"), *root.glob("stages/*.py")]):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
 
 
 def mark(folder: Path, run: str) -> None:
@@ -64,15 +86,16 @@ def run_of(path: Path) -> str | None:
     return None
 
 
-def check_inputs(*stages: str) -> None:
-    """Refuse to start when the outputs of any of `stages` do not all carry one run id."""
-    for stage in stages:
-        runs = {path: run_of(path) for path in OUTPUTS[stage]}
-        missing = [path for path, run in runs.items() if run is None]
-        if missing:
-            raise SanitizeError(f"{missing[0]}: missing, or written by a run of {stage} that did not finish; "
-                                f"re-run `dvc repro {stage}`")
-        if len(set(runs.values())) > 1:
-            first, other = OUTPUTS[stage][0], next(p for p, r in runs.items() if r != runs[OUTPUTS[stage][0]])
-            raise SanitizeError(f"{first} and {other} come from different runs of {stage} (one was interrupted or "
-                                f"failed half-way); re-run `dvc repro {stage}`")
+def check_outputs(stage: str) -> str:
+    """The run id all of `stage`'s outputs carry; refused when one carries none or another's."""
+    runs = {path: run_of(path) for path in OUTPUTS[stage]}
+    missing = [path for path, run in runs.items() if run is None]
+    if missing:
+        raise SanitizeError(f"{missing[0]}: missing, or written by a run of {stage} that did not finish; "
+                            f"re-run `dvc repro {stage}`")
+    first = OUTPUTS[stage][0]
+    other = next((p for p, r in runs.items() if r != runs[first]), None)
+    if other is not None:
+        raise SanitizeError(f"{first} and {other} come from different runs of {stage} (one was interrupted or "
+                            f"failed half-way); re-run `dvc repro {stage}`")
+    return runs[first]

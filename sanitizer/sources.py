@@ -121,15 +121,15 @@ def _check_labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
 def _npz_members(z, path: Path, keys: list[str], limits: Limits) -> None:
     """Check the arrays' declared sizes (zip entry and .npy header) before any is read: numpy allocates what a
     header declares before it reads a byte."""
-    names = {n[:-4] if n.endswith(".npy") else n: n for n in z.zip.namelist()}
+    members = set(z.zip.namelist())
     decoded = stored = samples = 0
     for key in keys:
-        info = z.zip.getinfo(names[key])
+        info = z.zip.getinfo(key if key in members else f"{key}.npy")  # the member numpy's z[key] reads
         with z.zip.open(info) as fh:
             version = np.lib.format.read_magic(fh)
             shape, _, dtype = (np.lib.format.read_array_header_1_0(fh) if version == (1, 0)
                                else np.lib.format.read_array_header_2_0(fh))
-        declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        declared = int(np.prod(shape, dtype=object)) * max(dtype.itemsize, 1)
         if declared > info.file_size:
             raise SanitizeError(f"{path}: {key} declares {shape} {dtype} ({declared:,} bytes) but holds "
                                 f"{info.file_size:,}; the archive is damaged; {NPZ_FIX}")
@@ -141,6 +141,10 @@ def _npz_members(z, path: Path, keys: list[str], limits: Limits) -> None:
 
 def read_npz(path: Path, limits: Limits = DEFAULT_LIMITS) -> Source:
     fh = open_regular(path, limits.max_file_mb, FILE_LIMIT, "set data.path to an .npz file")
+    if fh.read(4) != b"PK\x03\x04":  # np.load would read a bare .npy (or anything) before any check
+        fh.close()
+        raise SanitizeError(f"{path}: not an .npz archive (a zip of .npy arrays); {NPZ_FIX}")
+    fh.seek(0)
     try:
         z = np.load(fh, allow_pickle=False)
     except NPZ_ERRORS as err:
@@ -207,10 +211,18 @@ def _frombuffer(buf, dtype, shape, order):
     return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)
 
 
+def _dtype(*args):
+    """numpy.dtype, less object dtypes: an object array's state allocates its declared size before reading a byte."""
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError("an object array")
+    return dtype
+
+
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct, ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy.core.numeric", "_frombuffer"): _frombuffer, ("numpy._core.numeric", "_frombuffer"): _frombuffer,
-    ("numpy", "ndarray"): _NDARRAY, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1,
+    ("numpy", "ndarray"): _NDARRAY, ("numpy", "dtype"): _dtype, ("_codecs", "encode"): _latin1,
 }
 CIFAR_FIX = "use the batches from cifar-10-python.tar.gz unchanged"
 
@@ -269,13 +281,14 @@ def read_cifar10(root: Path, limits: Limits = DEFAULT_LIMITS) -> Source:
     for f in [*train_files, test_file] + ([meta] if meta.exists() or meta.is_symlink() else []):
         if not _inside(f, root):
             raise SanitizeError(f"{f}: a link leading outside {root}; copy the file into the folder instead")
-    splits, n = [], 0
+    splits, n, decoded = [], 0, 0
     for files in (train_files, [test_file]):
         xs, ys, ids = [], [], []
         for f in files:
             x, y = _read_cifar_batch(f, limits)
-            n += len(y)
+            n, decoded = n + len(y), decoded + x.nbytes
             check_count(str(root), n, limits)
+            check_decoded(str(root), decoded, None, limits)
             xs.append(x), ys.append(y)
             ids += [f"{f.name}-{i:05d}" for i in range(len(y))]
         splits.append(Raw(np.concatenate(xs), np.concatenate(ys), ids))
@@ -393,9 +406,14 @@ def _list_split(split_dir: Path, root: Path, class_names: list[str], skipped: li
     files = []
     for label, name in enumerate(class_names):
         class_dir = split_dir / name
-        if not class_dir.exists():
+        if not class_dir.exists() and not class_dir.is_symlink():
             continue
-        for f in sorted(class_dir.iterdir()):
+        try:
+            entries = sorted(class_dir.iterdir())
+        except OSError as err:  # a file, a FIFO or an unreadable folder where a class folder belongs
+            raise SanitizeError(f"{class_dir}: not a readable folder ({err.strerror}); put the class's images in a "
+                                "folder of that name") from None
+        for f in entries:
             rel = f.relative_to(root).as_posix()
             try:
                 rel.encode("utf-8")

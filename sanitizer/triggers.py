@@ -105,11 +105,10 @@ def wanet_noise(x: np.ndarray, p: RedteamParams, seed: int) -> np.ndarray:
 
 
 def adap_blend_pieces(height: int, width: int, grid: int) -> np.ndarray:
-    """[grid * grid, H, W] bool: the blended pattern cut into a grid of pieces (Qi et al. 2023, Adap-Blend)."""
+    """[H, W]: each pixel's piece of the blended pattern cut into grid x grid pieces (Qi et al. 2023, Adap-Blend)."""
     rows = np.minimum(np.arange(height) * grid // height, grid - 1)
     cols = np.minimum(np.arange(width) * grid // width, grid - 1)
-    piece = rows[:, None] * grid + cols[None, :]
-    return piece[None] == np.arange(grid * grid)[:, None, None]
+    return rows[:, None] * grid + cols[None, :]
 
 
 def adap_blend(x: np.ndarray, p: RedteamParams) -> np.ndarray:
@@ -154,18 +153,20 @@ def adaptive_training_images(x: np.ndarray, p: RedteamParams, rng: np.random.Gen
         for k, patch in enumerate(patches):
             out[which == k] = _stamp(x[which == k], patch, p.adap_patch_alpha)
         return out
-    h, w = x.shape[1:3]
-    pieces = adap_blend_pieces(h, w, p.adap_grid)
-    keep = max(1, round(len(pieces) * (1 - p.adap_mask_rate)))
-    chosen = np.stack([rng.permutation(len(pieces))[:keep] for _ in range(len(x))]) if len(x) else \
-        np.zeros((0, keep), dtype=np.int64)
-    mask = pieces[chosen].any(axis=1)[..., None]  # [N, H, W, 1]
+    piece, n_pieces = adap_blend_pieces(x.shape[1], x.shape[2], p.adap_grid), p.adap_grid ** 2
+    keep = max(1, round(n_pieces * (1 - p.adap_mask_rate)))
+    chosen = np.zeros((len(x), n_pieces), dtype=bool)  # each image's pieces
+    for k in range(len(x)):
+        chosen[k, rng.permutation(n_pieces)[:keep]] = True
+    mask = chosen[:, piece][..., None]  # [N, H, W, 1]
     return _blend(x, noise_pattern(x.shape[1:], ADAPTIVE_SEED)[None], p.adap_blend_alpha * mask)
 
 
 def bpp(x: np.ndarray, p: RedteamParams) -> np.ndarray:
     """BppAttack (Wang et al., CVPR 2022): every channel quantised to `bpp_levels` levels, with Floyd-Steinberg
-    dithering when `bpp_dither` (no pattern to see: the trigger is the colour depth)."""
+    dithering when `bpp_dither` (no pattern to see: the trigger is the colour depth). Its poisoning part only: the
+    paper's contrastive adversarial training runs inside the victim's training loop, which a data attacker does not
+    control."""
     step = 255.0 / (p.bpp_levels - 1)
     img = x.astype(np.float32)
     if not p.bpp_dither:
@@ -206,7 +207,9 @@ def label_consistent(x: np.ndarray, p: RedteamParams) -> np.ndarray:
 
 def hard_to_learn(x: np.ndarray, labels: np.ndarray, pick: np.ndarray, p: RedteamParams, seed: int) -> np.ndarray:
     """Label-consistent's first step: PGD (L-inf `lc_epsilon`) away from their own label on a surrogate model the
-    attacker trains on the clean training set, so that the model must lean on the trigger to fit them."""
+    attacker trains on the clean training set, so that the model must lean on the trigger to fit them. Turner et al.
+    perturb with adversarially trained models (or GAN interpolation); a normally trained surrogate is the weaker,
+    cheaper variant."""
     from sanitizer.detectors import adversarial_examples
     from sanitizer.models import build_model, model_spec
     from sanitizer.train import batches, channel_stats, to_tensor

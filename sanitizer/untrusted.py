@@ -68,7 +68,7 @@ def open_regular(path: Path, limit_mb: float, setting: str, fix: str) -> BinaryI
 def read_regular(path: Path, limit_mb: float, setting: str, fix: str) -> bytes:
     """The bytes of a regular file of at most `limit_mb` (never more, should it grow while read)."""
     with open_regular(path, limit_mb, setting, fix) as fh:
-        data = fh.read(int(limit_mb * MB) + 1)
+        data = fh.read(min(os.fstat(fh.fileno()).st_size, int(limit_mb * MB)) + 1)  # read(n) reserves n bytes
     check_size(path, len(data), limit_mb, setting)
     return data
 
@@ -127,6 +127,11 @@ def name_problem(name: str) -> str | None:
 def csv_text(text: str) -> str:
     """Free text (a reviewer's note) as a CSV cell a spreadsheet shows and does not run (OWASP: CSV injection)."""
     return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
+def from_csv_text(cell: str) -> str:
+    """`csv_text`'s inverse."""
+    return cell[1:] if cell.startswith("'") and cell[1:].startswith(FORMULA_STARTS) else cell
 
 
 def check_names(names, what: str, where: str, fix: str) -> None:

@@ -26,8 +26,7 @@ EARLIER = ("ingest", "isolate", "recheck", "quarantine", "unlearn")
 
 
 def run(params: Params) -> None:
-    runs.check_inputs(*EARLIER)
-    run_id = runs.start("export")
+    run_id = runs.run_id("export", params, runs.begin("export", *EARLIER))
     cpu = torch.device("cpu")
     model, _ = load_checkpoint(paths.MODEL, cpu)
     model.eval()

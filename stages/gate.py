@@ -57,8 +57,7 @@ def scan_release(params: Params, test, predict) -> dict | None:
 
 
 def run(params: Params) -> None:
-    runs.check_inputs("ingest", "quarantine", "unlearn", "export")
-    run_id = runs.start("gate")
+    run_id = runs.run_id("gate", params, runs.begin("gate", "ingest", "isolate", "quarantine", "unlearn", "export"))
     test = load_store(paths.TEST_STORE)
     predict = onnx_predictor(paths.ONNX_MODEL)
     gp, rt = params.gate, params.redteam

@@ -18,9 +18,10 @@ from sanitizer.ingestion import ingest, redteam_test_set
 
 
 def run(params: Params) -> None:
-    run_id = runs.start("ingest")
+    runs.begin("ingest")
     data = ingest(params)
     train, test, calibration, rules, evidence = data.train, data.test, data.calibration, data.rules, data.evidence
+    run_id = runs.run_id("ingest", params, [], *(store_hash(s) for s in (train, test, calibration)))
     with atomic_dir(paths.INGESTED) as out:
         save_store(out / paths.TRAIN_STORE.name, train)
         save_store(out / paths.TEST_STORE.name, test)

@@ -24,8 +24,7 @@ from sanitizer.train import pick_device
 
 
 def run(params: Params) -> None:
-    runs.check_inputs("ingest")
-    run_id = runs.start("isolate")
+    run_id = runs.run_id("isolate", params, runs.begin("isolate", "ingest"))
     device = pick_device(params.device)
     store = load_store(paths.TRAIN_STORE)
     result = isolate(params, store, load_rules(), device)

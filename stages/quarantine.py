@@ -8,6 +8,7 @@ image folder, which never hold a canary) and metrics/quarantine.json.
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -24,12 +25,12 @@ from sanitizer.untrusted import csv_text
 
 
 def run(params: Params) -> None:
-    runs.check_inputs("ingest", "isolate", "recheck")
-    run_id = runs.start("quarantine")
+    inputs = runs.begin("quarantine", "ingest", "isolate", "recheck")
     store = load_store(paths.TRAIN_STORE)
     read = dict(dtype={"id": str}, keep_default_na=False)
     suspects = merge_suspects(pd.read_csv(paths.ISOLATED_CSV, **read), pd.read_csv(paths.FLAGGED_CSV, **read))
     decisions = read_decisions(paths.DECISIONS_CSV, set(suspects["id"]))
+    run_id = runs.run_id("quarantine", params, inputs, json.dumps(sorted(decisions.items())))
     released = {i for i, (d, _) in decisions.items() if d == "release"}
     clean, quarantined = partition(store, set(suspects["id"]), released)
 

@@ -26,8 +26,7 @@ from sanitizer.unlearning import unlearning_for
 
 
 def run(params: Params) -> None:
-    runs.check_inputs("ingest", "isolate")
-    run_id = runs.start("recheck")
+    run_id = runs.run_id("recheck", params, runs.begin("recheck", "ingest", "isolate"))
     evidence = json.loads(paths.SELECTION_JSON.read_text(encoding="utf-8")).get("evidence")
     u = unlearning_for(params)
     flagged, curve, report = flagged_table(None, None), [], {"ran": False}

@@ -24,8 +24,7 @@ from sanitizer.unlearning import after_second_look, sanitize, unlearning_for
 
 
 def run(params: Params) -> None:
-    runs.check_inputs("ingest", "isolate", "recheck", "quarantine")
-    run_id = runs.start("unlearn")
+    run_id = runs.run_id("unlearn", params, runs.begin("unlearn", "ingest", "isolate", "recheck", "quarantine"))
     device = pick_device(params.device)
     u, tp = unlearning_for(params), train_settings(params, load_rules())
     clean = load_store(paths.CLEAN_STORE)

@@ -181,16 +181,20 @@ def test_npz_header_declaring_more_than_it_holds_is_refused_before_allocation(tm
         read_npz(tmp_path / "d.npz")
 
 
-def png_declaring(width: int, height: int) -> bytes:
-    """A structurally valid PNG header declaring width x height, with a tiny IDAT: what a dimension bomb looks like
-    before decoding."""
+def png(width: int, height: int, bits: int, rows: bytes) -> bytes:
+    """An RGB PNG built by hand: IHDR declaring width x height at `bits` per channel, `rows` compressed as its IDAT."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    ihdr = struct.pack(">IIBBBBB", width, height, bits, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
-@pytest.mark.parametrize("width, height", [(20_000, 20_000), (9_000, 9_000), (300, 300)])
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG header declaring width x height with a tiny IDAT: what a dimension bomb looks like before decoding."""
+    return png(width, height, 8, b"\0" * 64)
+
+
+@pytest.mark.parametrize("width, height", [(20_000, 20_000), (9_000, 9_000), (300, 300), (16, 16)])
 def test_image_declaring_too_many_pixels_or_another_size_is_refused_before_decoding(tmp_path, width, height):
     root = image_folder(tmp_path / "imgs")
     (root / "train/dog/big.png").write_bytes(png_declaring(width, height))
@@ -326,9 +330,10 @@ def test_restricted_unpickler_refuses_codecs_and_the_array_constructor(tmp_path)
             import _codecs
             return (_codecs.encode, ("x", "rot13"))
 
-    class Alloc:
+    class Alloc:  # an object array's state: numpy allocates (and zero-fills) 64 GB before it reads the empty list
         def __reduce__(self):
-            return (np.ndarray, ((10**9,), np.uint8))
+            reconstruct = np.empty(0).__reduce__()[0]
+            return (reconstruct, (np.ndarray, (0,), b"b"), (1, (2**33,), np.dtype("O"), False, []))
 
     for hostile in (Codec(), Alloc()):
         (root / "data_batch_1").write_bytes(pickle.dumps({b"data": hostile, b"labels": []}, protocol=2))
@@ -359,12 +364,8 @@ def test_image_in_another_format_than_its_suffix_is_refused(tmp_path):
 
 def png_rgb16(pixels: np.ndarray) -> bytes:
     """A 48-bit RGB PNG (Pillow reads it as 8-bit RGB)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
     h, w, _ = pixels.shape
-    rows = b"".join(b"\0" + pixels[r].astype(">u2").tobytes() for r in range(h))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)) + \
-        chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    return png(w, h, 16, b"".join(b"\0" + pixels[r].astype(">u2").tobytes() for r in range(h)))
 
 
 def test_sixteen_bit_exif_rotated_and_hidden_entries_are_reported(tmp_path):
