@@ -194,9 +194,9 @@ def run_case(name: str, setup) -> dict:
 def markdown(rows: list[dict]) -> str:
     lines = ["# Hostile input: time and memory of each refusal", "",
              "`python -m bench.hostile`. Each case runs the user's command in a child process (peak resident memory "
-             "of that process, Python and its imports included; about 300 MB of it is the import of torch, pandas and "
-             "Great Expectations). Targets (issue #38): exit 2, one line, under 30 s, under 1 GB for inputs under "
-             "10 MB.", "", "| case | input MB | exit | lines | seconds | peak MB | message |", "|---|---|---|---|---|---|---|"]
+             "of that process, Python and its imports included). Targets (issue #38): exit 2, one line, under 30 s, "
+             "under 1 GB for inputs under 10 MB.", "",
+             "| case | input MB | exit | lines | seconds | peak MB | message |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['input_mb']} | {r['exit']} | {r['lines']} | {r['seconds']} | "
                      f"{r['peak_mb']} | {r['message'].replace('|', '/')} |")

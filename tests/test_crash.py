@@ -126,6 +126,10 @@ def test_quarantine_killed_between_its_two_folders_stops_a_later_stage(pipeline,
             raise Killed
         return real(path)
 
+    # A run that differs from the one that wrote the outputs (a reviewer released a suspect): a run on the same inputs
+    # would carry the same id and write the same outputs, which may be mixed.
+    suspect = (project / "data/quarantine/quarantine.csv").read_text().splitlines()[1].split(",")[0]
+    (project / "review/decisions.csv").write_text(f"id,decision,note\n{suspect},release,\n")
     monkeypatch.setattr(quarantine, "atomic_dir", dies_before_the_clean_set)
     with pytest.raises(Killed):
         quarantine.run(load_params())
