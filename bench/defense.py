@@ -57,6 +57,7 @@ ATTACKS = ["badnets", "blend", "sig", "wanet"]  # the ones the defense was devel
 UNSEEN_ATTACKS = ["adap_blend", "adap_patch", "bpp", "label_consistent", "all_to_all", "multi_target"]
 RATES = [0.01, 0.05, 0.10]
 DEFENSES = ["abl", "full"]  # defense.method values benchmarked beside none and oracle
+UNITS = ["defenses", "none", "oracle"]  # the units of work per case (run_task's kinds, less "adversarial")
 KEYS = ["dataset", "attack", "poison_rate", "defense", "clean_accuracy", "asr", "isolation_precision",
         "isolation_recall", "seconds"]
 # Each alone: rows "detector:<name>" (isolation only); the pipeline scores TRAINING_DETECTORS.
@@ -398,7 +399,7 @@ def fmt(v) -> str:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = ["# Defense benchmark", "", f"Machine: {meta['machine']}. Wall time: {meta['wall_seconds'] / 60:.1f} min "
+    lines = ["# Defense benchmark", "", f"Machine: {meta['machine']}. Wall time: {meta['wall_seconds'] / 60:.1f} min, {meta['units_done']} units "
              f"({meta['jobs']} worker processes, {meta['threads']} torch thread(s) each). Reference speed before the run: "
              f"{meta['reference_images_per_second']:,.0f} training images/s (`reference_throughput`).", "",
              "Model and budget per dataset (`none` and `oracle` train for isolate + fine-tune epochs):", ""]
@@ -466,6 +467,40 @@ def guard_markdown(rows: list[dict], costs: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def earlier_results(out: Path) -> tuple[list, list, list]:
+    """The rows, guard rows and costs of `out`'s files (none when absent), for --merge."""
+    if not (out / "defense.json").exists():
+        return [], [], []
+    return (json.loads((out / "defense.json").read_text()), json.loads((out / "guard.json").read_text()),
+            json.loads((out / "guard.meta.json").read_text())["costs"])
+
+
+def combined(new: tuple[list, list, list], old: tuple[list, list, list]) -> tuple[list, list, list]:
+    """This run's rows, and the earlier rows that none of them replaces: a row is its case and defense (a guard row
+    its case and detector, a cost its case), sorted as the tables show them."""
+    def case(r: dict) -> tuple:
+        return r["dataset"], r["attack"], r["poison_rate"]
+
+    keys = [lambda r: (*case(r), r["defense"]), lambda r: (*case(r), r["detector"]), case]
+    merged = []
+    for fresh, earlier, key in zip(new, old, keys):
+        replaced = {key(r) for r in fresh}
+        merged.append(fresh + [r for r in earlier if key(r) not in replaced])
+    rows, guard_rows, costs = merged
+    return (sorted(rows, key=sort_key), sorted(guard_rows, key=guard_sort_key),
+            sorted(costs, key=lambda c: (c["dataset"], c["attack"], c["poison_rate"])))
+
+
+def save(out: Path, results: tuple[list, list, list], meta: dict) -> None:
+    rows, guard_rows, costs = results
+    write_json(out / "defense.json", rows)
+    write_json(out / "defense.meta.json", meta)
+    write_text(out / "defense.md", markdown(rows, meta))
+    write_json(out / "guard.json", guard_rows)
+    write_json(out / "guard.meta.json", {**meta, "costs": costs})
+    write_text(out / "guard.md", guard_markdown(guard_rows, costs, meta))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.defense", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="digits, badnets and sig at 10%%, for CI (about 2 minutes)")
@@ -473,12 +508,13 @@ def main(argv=None) -> int:
     ap.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated; 'unseen': " + ",".join(UNSEEN_ATTACKS))
     ap.add_argument("--defenses", default=",".join(DEFENSES), help="defense methods beside none and oracle")
     ap.add_argument("--merge", action="store_true",
-                    help="keep the rows of --out's files for the cases this run does not cover")
+                    help="keep the rows of --out's files that this run does not replace (same case and defense)")
     ap.add_argument("--rates", default=",".join(map(str, RATES)))
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                     help="worker processes (each uses cores/jobs torch threads)")
     ap.add_argument("--no-adversarial", action="store_true", help="skip the clean runs for FGSM and PGD")
-    ap.add_argument("--no-baselines", action="store_true", help="skip the none and oracle rows")
+    ap.add_argument("--units", default=",".join(UNITS),
+                    help="which units per case: defenses (the --defenses methods, detectors, guard), none, oracle")
     ap.add_argument("--out", type=Path, default=None,
                     help="results folder (default bench/results, with --quick bench/results/quick)")
     args = ap.parse_args(argv)
@@ -488,10 +524,11 @@ def main(argv=None) -> int:
     datasets = args.datasets.split(",")
     attacks = UNSEEN_ATTACKS if args.attacks == "unseen" else args.attacks.split(",")
     rates, methods = [float(r) for r in args.rates.split(",")], args.defenses.split(",")
+    kinds = args.units.split(",")
     unknown = [d for d in datasets if d not in profiles()] + [a for a in attacks if a not in ATTACKS + UNSEEN_ATTACKS] \
-        + [m for m in methods if m not in DEFENSES]
+        + [m for m in methods if m not in DEFENSES] + [k for k in kinds if k not in UNITS]
     if unknown:
-        ap.error(f"unknown dataset or attack: {unknown} (datasets: bench/profiles/*.yaml)")
+        ap.error(f"unknown dataset, attack, defense or unit: {unknown} (datasets: bench/profiles/*.yaml)")
     os.chdir(ROOT)
     for d in datasets:
         path = profiles()[d].get("data", {}).get("path")
@@ -500,14 +537,17 @@ def main(argv=None) -> int:
 
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     # The costliest units first, so the pool ends together.
-    tasks = [(d, a, r, kind, threads, methods) for d in datasets for a in attacks for r in rates
-             for kind in ("defenses",) + (() if args.no_baselines else ("none", "oracle"))]
+    tasks = [(d, a, r, kind, threads, methods) for d in datasets for a in attacks for r in rates for kind in kinds]
     if not args.no_adversarial:  # a clean training run per dataset, for FGSM and PGD against its released model
         tasks += [(d, "badnets", 0.0, "adversarial", threads, methods) for d in datasets]
     tasks.sort(key=lambda t: (t[0] != "cifar10", t[3] != "defenses"))
     reference = reference_throughput(threads)
     print(f"[bench] reference speed: {reference:,.0f} training images/s", file=sys.stderr, flush=True)
     rows, guard_rows, costs, t0 = [], [], [], time.perf_counter()
+    kept = earlier_results(out) if args.merge else ([], [], [])
+    meta = {"machine": machine(), "jobs": args.jobs, "threads": threads,
+            "reference_images_per_second": round(reference), "params": "params.yaml as shipped",
+            "profiles": {d: profiles()[d] for d in datasets}, "budget": {d: budget(d) or "params.yaml's" for d in datasets}}
     # spawn: a forked worker inherits torch's thread pool mid-state and can hang in its first parallel op
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(run_task, t): t for t in tasks}
@@ -524,27 +564,10 @@ def main(argv=None) -> int:
                 print(f"[bench] guard {r['dataset']} {r['attack']} {r['poison_rate']:.2f} {r['detector']:<22} "
                       f"TPR {r['tpr']:.3f} FPR {r['fpr']:.3f} AUROC {r['auroc']:.3f}", file=sys.stderr, flush=True)
             elapsed = time.perf_counter() - t0
+            # Written after every unit, so that a stopped run keeps what it finished.
+            meta.update(wall_seconds=round(elapsed, 1), units_done=f"{done}/{len(tasks)}")
+            save(out, combined((rows, guard_rows, costs), kept), meta)
             print(f"[bench] {done}/{len(tasks)} units done, {elapsed / 60:.1f} min elapsed", file=sys.stderr, flush=True)
-    if args.merge and (out / "defense.json").exists():
-        ran = {(t[0], t[1], t[2]) for t in tasks} | {(t[0], name, 0.0) for t in tasks if t[3] == "adversarial"
-                                                     for name in PGD_STEPS}
-        other = lambda r: (r["dataset"], r["attack"].partition(":")[0], r["poison_rate"]) not in ran  # noqa: E731
-        rows += [r for r in json.loads((out / "defense.json").read_text()) if other(r)]
-        guard_rows += [r for r in json.loads((out / "guard.json").read_text()) if other(r)]
-        costs += [c for c in json.loads((out / "guard.meta.json").read_text())["costs"] if other(c)]
-    rows.sort(key=sort_key)
-    guard_rows.sort(key=guard_sort_key)
-    costs.sort(key=lambda c: (c["dataset"], c["attack"], c["poison_rate"]))
-    meta = {"machine": machine(), "wall_seconds": round(time.perf_counter() - t0, 1), "jobs": args.jobs,
-            "threads": threads,
-            "reference_images_per_second": round(reference), "params": "params.yaml as shipped",
-            "profiles": {d: profiles()[d] for d in datasets}, "budget": {d: budget(d) or "params.yaml's" for d in datasets}}
-    write_json(out / "defense.json", rows)
-    write_json(out / "defense.meta.json", meta)
-    write_text(out / "defense.md", markdown(rows, meta))
-    write_json(out / "guard.json", guard_rows)
-    write_json(out / "guard.meta.json", {**meta, "costs": costs})
-    write_text(out / "guard.md", guard_markdown(guard_rows, costs, meta))
     print(f"[bench] wrote {out / 'defense.json'} and defense.md ({meta['wall_seconds'] / 60:.1f} min)", file=sys.stderr)
     return 0
 
