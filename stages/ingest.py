@@ -21,7 +21,8 @@ def run(params: Params) -> None:
     runs.begin("ingest")
     data = ingest(params)
     train, test, calibration, rules, evidence = data.train, data.test, data.calibration, data.rules, data.evidence
-    run_id = runs.run_id("ingest", params, [], *(store_hash(s) for s in (train, test, calibration)))
+    hashes = [store_hash(s) for s in (train, test, calibration)]
+    run_id = runs.run_id("ingest", params, [], *hashes)
     with atomic_dir(paths.INGESTED) as out:
         save_store(out / paths.TRAIN_STORE.name, train)
         save_store(out / paths.TEST_STORE.name, test)
@@ -39,7 +40,7 @@ def run(params: Params) -> None:
     write_json(paths.metrics_file("ingest"), {
         "run": run_id,
         "n_train": len(train), "n_test": len(test), "n_calibration": len(calibration), "n_classes": len(class_names),
-        "image_shape": list(train.image_shape), "data_hash": store_hash(train),
+        "image_shape": list(train.image_shape), "data_hash": hashes[0],
         "train_class_counts": {class_names[k]: counts[k] for k in sorted(counts)},
         "validation": data.validation, "notes": data.notes, "data_rules": {**rules.as_dict(), **evidence},
         "redteam_poisoned": roles["backdoor"], "redteam_noise_mode": roles["noise"],
