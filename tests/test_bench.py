@@ -90,3 +90,26 @@ def test_selftest_units_change_only_the_seed_canaries_and_defense():
         assert unit["redteam"]["poison_rate"] == 0.0  # no attack: nothing planted
         differs = {k for k in shipped if unit[k] != shipped[k]} - {"seed", "data", "redteam", "defense", "canary", "device"}
         assert not differs, (kind, differs)
+
+
+def test_a_merged_run_replaces_only_the_rows_it_ran():
+    """--merge: a row is its case and defense (a guard row its case and detector, a cost its case); rows of the earlier
+    run that this run did not produce survive, the ones it did are replaced, and the tables stay in their order."""
+    from bench.defense import combined
+
+    def row(attack, rate, defense, asr):
+        return {"dataset": "cifar10", "attack": attack, "poison_rate": rate, "defense": defense, "asr": asr}
+
+    def guard(attack, rate, tpr):
+        return {"dataset": "cifar10", "attack": attack, "poison_rate": rate, "detector": "guard", "tpr": tpr}
+
+    earlier = ([row("bpp", 0.1, "full", 0.003), row("bpp", 0.1, "none", 0.9), row("blend", 0.05, "none", 1.0)],
+               [guard("bpp", 0.1, 1.0), guard("multi_target:blend", 0.05, 0.2)],
+               [{"dataset": "cifar10", "attack": "bpp", "poison_rate": 0.1, "seconds": 1}])
+    now = ([row("bpp", 0.1, "none", 0.997), row("bpp", 0.1, "oracle", 0.013)],
+           [guard("multi_target:blend", 0.05, 0.9)], [])
+    rows, guards, costs = combined(now, earlier)
+    assert [(r["attack"], r["defense"], r["asr"]) for r in rows] == [
+        ("blend", "none", 1.0), ("bpp", "none", 0.997), ("bpp", "oracle", 0.013), ("bpp", "full", 0.003)]
+    assert sorted((g["attack"], g["tpr"]) for g in guards) == [("bpp", 1.0), ("multi_target:blend", 0.9)]
+    assert costs == earlier[2]
