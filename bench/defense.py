@@ -399,8 +399,9 @@ def fmt(v) -> str:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = ["# Defense benchmark", "", f"Machine: {meta['machine']}. Wall time: {meta['wall_seconds'] / 60:.1f} min, {meta['units_done']} units "
-             f"({meta['jobs']} worker processes, {meta['threads']} torch thread(s) each). Reference speed before the run: "
+    lines = ["# Defense benchmark", "", f"Machine: {meta['machine']}. Wall time: {meta['wall_seconds'] / 60:.1f} min, "
+             f"{meta['units_done']} units ({meta['jobs']} worker processes, {meta['threads']} torch thread(s) each). "
+             "Reference speed before the run: "
              f"{meta['reference_images_per_second']:,.0f} training images/s (`reference_throughput`).", "",
              "Model and budget per dataset (`none` and `oracle` train for isolate + fine-tune epochs):", ""]
     for name, prof in meta["profiles"].items():
@@ -488,7 +489,7 @@ def combined(new: tuple[list, list, list], old: tuple[list, list, list]) -> tupl
         merged.append(fresh + [r for r in earlier if key(r) not in replaced])
     rows, guard_rows, costs = merged
     return (sorted(rows, key=sort_key), sorted(guard_rows, key=guard_sort_key),
-            sorted(costs, key=lambda c: (c["dataset"], c["attack"], c["poison_rate"])))
+            sorted(costs, key=case))
 
 
 def save(out: Path, results: tuple[list, list, list], meta: dict) -> None:
@@ -547,7 +548,8 @@ def main(argv=None) -> int:
     kept = earlier_results(out) if args.merge else ([], [], [])
     meta = {"machine": machine(), "jobs": args.jobs, "threads": threads,
             "reference_images_per_second": round(reference), "params": "params.yaml as shipped",
-            "profiles": {d: profiles()[d] for d in datasets}, "budget": {d: budget(d) or "params.yaml's" for d in datasets}}
+            "profiles": {d: profiles()[d] for d in datasets},
+            "budget": {d: budget(d) or "params.yaml's" for d in datasets}}
     # spawn: a forked worker inherits torch's thread pool mid-state and can hang in its first parallel op
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(run_task, t): t for t in tasks}
